@@ -1,0 +1,78 @@
+"""Run one stage, or all of them in order: the only place that knows the stage list.
+
+`python -m tasks.<stage>` (what dvc.yaml calls) and the `tuneline` CLI both come
+here, so a stage behaves the same whichever tool starts it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks.config import DEFAULT_PARAMS, Params, load_params
+from tasks.errors import TunelineError
+
+# The DAG, in order. dvc.yaml and the Prefect flow must list the same stages (a test checks).
+STAGES = ["validate", "tokenize", "train", "evaluate", "gate", "merge", "deploy"]
+ALL_STAGES = ["bootstrap", *STAGES]
+
+log = logging.getLogger("tuneline")
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter out of the stage output; our own summaries stay."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("mlflow", "alembic", "httpx", "urllib3", "filelock", "ray", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def summarize(name: str, result: dict, seconds: float) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in result.items() if isinstance(v, str | int | float | bool))
+    return f"[{name}] done in {seconds:.1f}s" + (f": {shown}" if shown else "")
+
+
+def run_stage(name: str, params: Params) -> dict:
+    if name not in ALL_STAGES:
+        raise TunelineError(f"unknown stage {name!r}; stages are: {', '.join(ALL_STAGES)}")
+    if Path(params.model.base).exists():
+        # A local base model needs no hub; without this, MLflow and transformers still ask it
+        # (model cards, metadata) and wait for the network to time out.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    module = importlib.import_module(f"tasks.{name}")
+    start = time.perf_counter()
+    result = module.run(params) or {}
+    log.info(summarize(name, result, time.perf_counter() - start))
+    return result
+
+
+def guarded(fn: Callable[[], object]) -> int:
+    """Run fn; a TunelineError becomes one line on stderr and exit code 1."""
+    try:
+        fn()
+    except TunelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: outputs of the interrupted stage were not written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(name: str) -> None:
+    parser = argparse.ArgumentParser(prog=f"python -m tasks.{name}", description=f"Run the {name} stage.")
+    parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a dotted key of params.yaml; repeatable")
+    args = parser.parse_args()
+    quiet_libraries()
+    sys.exit(guarded(lambda: run_stage(name, load_params(args.params, args.overrides))))

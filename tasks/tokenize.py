@@ -1,0 +1,80 @@
+"""Stage 2, tokenize: validated JSONL -> prompt-templated token ids, saved with `datasets`.
+
+Labels are -100 on every prompt token, so the loss covers the response only.
+Examples longer than data.max_seq_length lose the end of their response
+(counted as truncated); an example whose prompt alone fills the window has no
+response token left and is dropped (counted too).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.atomic import atomic_dir, write_json
+from tasks.config import Params
+from tasks.formats import render
+from tasks.models import encode_prompt, load_tokenizer
+
+IGNORE = -100
+
+
+def encode(record: dict, params: Params, tokenizer) -> dict:
+    prompt, response = render(record, params.data.format, params.data.template, tokenizer)
+    prompt_ids = encode_prompt(tokenizer, prompt, params.data.template)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    full = prompt_ids + response_ids
+    limit = params.data.max_seq_length
+    return {
+        "input_ids": full[:limit],
+        "attention_mask": [1] * min(len(full), limit),
+        "labels": ([IGNORE] * len(prompt_ids) + response_ids)[:limit],
+        "truncated": len(full) > limit,
+        "trainable": len(prompt_ids) < limit,
+        "length": len(full),
+    }
+
+
+def tokenize_split(path: Path, params: Params, tokenizer):
+    from datasets import load_dataset
+
+    ds = load_dataset("json", data_files=str(path), split="train")
+    ds = ds.map(lambda r: encode(r, params, tokenizer), remove_columns=ds.column_names,
+                desc=f"tokenize {path.name}")
+    stats = {
+        "records": len(ds),
+        "truncated": int(sum(ds["truncated"])),
+        "dropped_prompt_too_long": int(len(ds) - sum(ds["trainable"])),
+        "max_length": int(max(ds["length"])) if len(ds) else 0,
+        "mean_length": round(sum(ds["length"]) / max(len(ds), 1), 1),
+    }
+    ds = ds.filter(lambda r: r["trainable"]).remove_columns(["truncated", "trainable", "length"])
+    stats["examples"] = len(ds)
+    stats["tokens"] = int(sum(len(x) for x in ds["input_ids"]))
+    return ds, stats
+
+
+def run(params: Params) -> dict:
+    from datasets import DatasetDict
+
+    tokenizer = load_tokenizer(params)
+    src = params.data.validated_dir
+    splits, report = {}, {}
+    for split in ("train", "eval"):
+        splits[split], report[split] = tokenize_split(src / f"{split}.jsonl", params, tokenizer)
+    with atomic_dir(params.data.tokenized_dir) as tmp:
+        DatasetDict(splits).save_to_disk(str(tmp))
+    report["template"] = params.data.template
+    report["max_seq_length"] = params.data.max_seq_length
+    write_json(params.report("tokenize.json"), report)
+    for split in ("train", "eval"):
+        if report[split]["truncated"]:
+            print(f"tokenize: {report[split]['truncated']} {split} examples were truncated to "
+                  f"{params.data.max_seq_length} tokens (data.max_seq_length)")
+    return {"train_examples": report["train"]["examples"], "eval_examples": report["eval"]["examples"],
+            "train_tokens": report["train"]["tokens"], "truncated": report["train"]["truncated"]}
+
+
+if __name__ == "__main__":
+    from tasks.stage import main
+
+    main("tokenize")

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny project (data, base model, params) in a temp folder.
+
+Real components throughout: the bootstrap makes a small Llama and a BPE
+tokenizer from config, MLflow runs on SQLite in the temp folder.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tasks.config import Params
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_params(root: Path, **overrides) -> Params:
+    """Params for a project under `root` that trains in seconds (all paths inside root)."""
+    tree = {
+        "reports_dir": str(root / "reports"),
+        "bootstrap": {"train_records": 96, "eval_records": 16, "pretrain_steps": 20,
+                      "data_dir": str(root / "data/raw"), "model_dir": str(root / "models/base"),
+                      "model": {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
+                                "vocab_size": 400}},
+        "model": {"base": str(root / "models/base")},
+        "data": {"train_path": str(root / "data/raw/train.jsonl"), "eval_path": str(root / "data/raw/eval.jsonl"),
+                 "validated_dir": str(root / "data/validated"), "tokenized_dir": str(root / "data/tokenized")},
+        "train": {"output_dir": str(root / "models/adapter"), "checkpoint_dir": str(root / "models/ckpt"),
+                  "max_steps": 6, "batch_size": 8, "logging_steps": 2, "save_steps": 3},
+        "evaluate": {"max_new_tokens": 8, "batch_size": 16},
+        "gate": {"min_exact_match": 0.0, "min_rouge_l": 0.0, "max_perplexity": 1e9, "must_beat_base": False},
+        "registry": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                     "artifact_location": str(root / "mlartifacts")},
+        "merge": {"output_dir": str(root / "models/merged")},
+    }
+    for dotted, value in overrides.items():
+        node = tree
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return Params.model_validate(tree)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """bootstrap -> merge once on a tiny project; tests read what each stage left."""
+    from tasks.stage import run_stage
+
+    root = tmp_path_factory.mktemp("tiny")
+    params = tiny_params(root)
+    results = {name: run_stage(name, params)
+               for name in ("bootstrap", "validate", "tokenize", "train", "evaluate", "gate", "merge")}
+    return params, results

@@ -1,0 +1,66 @@
+"""params.yaml and the typed config: bad keys and values fail first, naming the key and the rule."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import ConfigError, Params, load_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    return path
+
+
+def test_repo_params_yaml_is_the_default_config():
+    loaded = load_params(REPO / "params.yaml")
+    assert loaded == Params()
+
+
+def test_unknown_key_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"params.yaml: train.learnig_rate: unknown key"):
+        load_params(write(tmp_path, {"train": {"learnig_rate": 0.1}}))
+
+
+@pytest.mark.parametrize(("key", "value", "rule"), [
+    ("train.learning_rate", -1, "greater than 0"),
+    ("lora.r", 0, "greater than 0"),
+    ("data.format", "xml", "'instruction', 'chat' or 'completion'"),
+    ("serving.port", 70000, "less than 65536"),
+    ("train.batch_size", "many", "valid integer"),
+])
+def test_bad_values_name_key_and_rule(tmp_path, key, value, rule):
+    with pytest.raises(ConfigError) as err:
+        load_params(write(tmp_path, {}), [f"{key}={value}"])
+    assert key in str(err.value) and rule in str(err.value)
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    params = load_params(write(tmp_path, {}), ["train.epochs=2", "lora.target_modules=[q_proj]",
+                                               "data.eval_path=null"])
+    assert params.train.epochs == 2
+    assert params.lora.target_modules == ["q_proj"]
+    assert params.data.eval_path is None
+
+
+def test_override_needs_key_value(tmp_path):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_params(write(tmp_path, {}), ["train.epochs"])
+
+
+def test_cli_fails_on_bad_params_before_any_work(tmp_path):
+    (tmp_path / "params.yaml").write_text("train:\n  learning_rate: -0.5\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "run"], cwd=tmp_path, capture_output=True,
+                          text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
+    assert proc.returncode == 1
+    assert "train.learning_rate" in proc.stderr and "greater than 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

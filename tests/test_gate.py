@@ -1,0 +1,40 @@
+"""The gate's decision: thresholds, the base model and the champion's margin."""
+
+from __future__ import annotations
+
+from tasks.config import Params
+from tasks.gate import decide
+
+GOOD = {"exact_match": 0.5, "rouge_l": 0.6, "perplexity": 3.0}
+BASE = {"exact_match": 0.0, "rouge_l": 0.1, "perplexity": 900.0}
+
+
+def report(candidate=GOOD, base=BASE, champion=None):
+    return {"candidate": candidate, "base": base, "champion": champion,
+            "champion_version": "1" if champion else None}
+
+
+def test_promotes_when_every_check_passes():
+    promote, failed, passed = decide(report(), Params())
+    assert promote and not failed and len(passed) == 4
+
+
+def test_rejects_below_thresholds_with_reasons():
+    promote, failed, _ = decide(report(candidate={**GOOD, "exact_match": 0.1, "perplexity": 99.0}), Params())
+    assert not promote
+    assert any("exact_match 0.1000, needs >= 0.2" in f for f in failed)
+    assert any("perplexity 99.0000, needs <= 20.0" in f for f in failed)
+
+
+def test_rejects_when_not_better_than_base():
+    promote, failed, _ = decide(report(base={**BASE, "rouge_l": 0.7}), Params())
+    assert not promote and failed == ["rouge_l 0.6000, needs > base model's 0.7000"]
+
+
+def test_champion_must_be_beaten_by_the_margin():
+    params = Params()
+    tie = report(champion=dict(GOOD))
+    promote, failed, _ = decide(tie, params)
+    assert not promote and "champion v1" in failed[0]
+    better = report(champion={**GOOD, "rouge_l": 0.6 - params.gate.min_margin_over_champion})
+    assert decide(better, params)[0]

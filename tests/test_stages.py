@@ -1,0 +1,120 @@
+"""Each stage on a tiny project: what it writes, logs and registers."""
+
+from __future__ import annotations
+
+import csv
+import random
+
+import pytest
+
+from tasks import bootstrap, registry
+from tasks.atomic import read_json
+from tasks.errors import TunelineError
+from tasks.formats import render
+from tasks.merge import merged_model
+from tasks.models import encode_prompt, load_tokenizer
+from tasks.tokenize import IGNORE, encode
+
+
+def test_bootstrap_is_deterministic_and_disjoint():
+    a = bootstrap.generate_records(50, random.Random(7), set())
+    b = bootstrap.generate_records(50, random.Random(7), set())
+    assert a == b
+    taken: set[str] = set()
+    train = bootstrap.generate_records(200, random.Random(1), taken)
+    evals = bootstrap.generate_records(50, random.Random(2), taken)
+    prompts = {(r["instruction"], r["input"]) for r in train}
+    assert not any((r["instruction"], r["input"]) in prompts for r in evals)
+
+
+def test_bootstrap_outputs_and_rerun_skips(tiny_run):
+    params, results = tiny_run
+    cfg = params.bootstrap
+    assert results["bootstrap"]["train_records"] == 96
+    assert (cfg.model_dir / "model.safetensors").exists() and (cfg.model_dir / "tokenizer.json").exists()
+    assert bootstrap.run(params) == {"skipped": "outputs are up to date"}
+
+
+def test_tokenize_masks_the_prompt(tiny_run):
+    params, _ = tiny_run
+    from datasets import load_from_disk
+
+    tokenizer = load_tokenizer(params)
+    record = read_json_lines(params.data.validated_dir / "train.jsonl")[0]
+    example = load_from_disk(str(params.data.tokenized_dir))["train"][0]
+    prompt_ids = encode_prompt(tokenizer, render(record, "instruction", "alpaca")[0], "alpaca")
+    k = len(prompt_ids)
+    assert example["input_ids"][:k] == prompt_ids
+    assert example["labels"][:k] == [IGNORE] * k
+    assert example["labels"][k:] == example["input_ids"][k:]
+    assert example["labels"][-1] == tokenizer.eos_token_id
+    report = read_json(params.report("tokenize.json"))
+    assert report["train"]["examples"] == 96 and report["train"]["truncated"] == 0
+
+
+def test_tokenize_truncates_and_counts(tiny_run):
+    params, _ = tiny_run
+    tokenizer = load_tokenizer(params)
+    record = {"instruction": "List every fruit, in order.", "input": "apple " * 40, "output": "apple " * 40}
+    short = params.model_copy(update={"data": params.data.model_copy(update={"max_seq_length": 64})})
+    out = encode(record, short, tokenizer)
+    assert out["truncated"] and len(out["input_ids"]) == 64 == len(out["labels"])
+    assert not out["trainable"]  # the prompt alone fills the window: nothing to learn from
+
+
+def test_train_writes_safetensors_adapter_and_log(tiny_run):
+    params, results = tiny_run
+    files = {p.name for p in params.train.output_dir.iterdir()}
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    assert not any(name.endswith(".bin") for name in files)
+    rows = list(csv.DictReader(params.report("train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6]
+    assert all(float(r["loss"]) > 0 and float(r["tokens_per_s"]) > 0 and r["grad_norm"] for r in rows)
+    assert results["train"]["steps"] == 6
+
+
+def test_evaluate_reports_candidate_and_base(tiny_run):
+    params, _ = tiny_run
+    report = read_json(params.report("eval.json"))
+    for model in ("candidate", "base"):
+        assert set(report[model]) == {"perplexity", "rouge_1", "rouge_2", "rouge_l", "bleu", "exact_match"}
+        assert report[model]["perplexity"] > 1
+    assert report["champion"] is None and report["num_samples"] == 16
+
+
+def test_gate_and_merge_register_a_challenger(tiny_run):
+    params, results = tiny_run
+    assert read_json(params.report("gate.json"))["decision"] == "promote"
+    merge = read_json(params.report("merge.json"))
+    assert results["merge"]["version"] == merge["version"] == "1"
+    assert registry.alias_version(params, registry.CHALLENGER) == "1"
+    version = registry.client(params).get_model_version(params.registry.model_name, "1")
+    assert {"tuneline.git_commit", "tuneline.dvc_data_hash", "tuneline.params_hash"} <= set(version.tags)
+    assert (params.merge.output_dir / "model.safetensors").exists()
+    assert merge["max_logit_diff"] <= params.merge.check_atol
+
+
+def test_one_mlflow_run_holds_every_stage(tiny_run):
+    params, _ = tiny_run
+    run = registry.client(params).get_run(read_json(params.report("train.json"))["mlflow_run_id"])
+    keys = set(run.data.metrics)
+    for key in ("validate.splits.train.records", "tokenize.train.tokens", "train.loss",
+                "eval.candidate.rouge_l", "eval.base.exact_match", "gate.promote", "merge.max_logit_diff"):
+        assert key in keys, key
+    assert run.data.params["lora.r"] == "16" and run.data.tags["tuneline.gate"] == "promote"
+
+
+def test_merge_refuses_a_merge_that_changes_logits(tiny_run):
+    params, _ = tiny_run
+    tokenizer = load_tokenizer(params)
+    _, diff = merged_model(params, tokenizer)
+    assert diff > 0  # a trained adapter moves the logits, so the check has something to compare
+    strict = params.model_copy(update={"merge": params.merge.model_copy(update={"check_atol": diff / 10})})
+    with pytest.raises(TunelineError, match="over merge.check_atol"):
+        merged_model(strict, tokenizer)
+
+
+def read_json_lines(path):
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines()]
