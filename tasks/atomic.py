@@ -32,10 +32,16 @@ def atomic_dir(path: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = _tmp_sibling(path, "old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
+    replace_dir(tmp, path)
+
+
+def replace_dir(src: Path | str, dst: Path | str) -> None:
+    """Put the finished folder `src` in place of `dst` by renames (same filesystem)."""
+    src, dst = Path(src), Path(dst)
+    old = _tmp_sibling(dst, "old")
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1,23 +1,29 @@
 """Stage 3, train: the tokenized data and the base model -> a PEFT adapter (safetensors).
 
-transformers' Trainer runs the loop (checkpoints, schedule, clipping); PEFT adds
-LoRA or DoRA (or nothing, for `lora.method: full`). A callback writes each
-logged step (loss, learning rate, grad norm, tokens/s) to MLflow and to
-reports/train_log.csv, which dvc.yaml declares as a plot.
+transformers' Trainer runs the loop (schedule, clipping, data order); PEFT adds
+LoRA or DoRA (nothing for `lora.method: full`); tasks/engine.py adds atomic
+checkpoints, preemption handling and the health monitor. With more than one
+process (params `distributed`) the stage relaunches itself through torchrun and
+Trainer runs DDP, FSDP or DeepSpeed ZeRO. A run that was killed resumes from its
+newest complete checkpoint (`train.resume: auto`). Only rank 0 writes outputs.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import shutil
 import time
+from contextlib import nullcontext
 
-from tasks import tracking
-from tasks.atomic import atomic_dir, read_json, write_json, write_text
+from tasks import distributed, tracking
+from tasks.atomic import read_json, replace_dir, write_json, write_text
 from tasks.config import Params
 from tasks.models import load_model, load_tokenizer
 
-LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s"]
+LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"]
 
 
 def with_adapter(model, params: Params):
@@ -33,37 +39,14 @@ def with_adapter(model, params: Params):
     return get_peft_model(model, config)
 
 
-def _log_callback(rows: list[dict]):
-    """A TrainerCallback that collects log rows and mirrors them to the active MLflow run."""
-    import mlflow
-    from transformers import TrainerCallback
+def _on_gpu() -> bool:
+    import torch
 
-    class StepLog(TrainerCallback):
-        def __init__(self):
-            self.last = (time.perf_counter(), 0)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not logs or "loss" not in logs:
-                return
-            now, tokens = time.perf_counter(), state.num_input_tokens_seen
-            rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
-            self.last = (now, tokens)
-            row = {"step": state.global_step, "epoch": round(state.epoch or 0, 3), "loss": logs["loss"],
-                   "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
-                   "tokens_per_s": round(rate, 1)}
-            rows.append(row)
-            mlflow.log_metrics({f"train.{k}": float(v) for k, v in row.items()
-                                if k not in ("step", "epoch") and v is not None}, step=state.global_step)
-
-    return StepLog()
+    return torch.cuda.is_available()
 
 
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+def _auto(value, default: bool) -> bool:
+    return default if value == "auto" else bool(value)
 
 
 def _training_args(params: Params, has_eval: bool):
@@ -71,7 +54,7 @@ def _training_args(params: Params, has_eval: bool):
     from transformers import TrainingArguments
 
     t = params.train
-    gpu = torch.cuda.is_available()
+    gpu = _on_gpu()
     return TrainingArguments(
         output_dir=str(t.checkpoint_dir),
         per_device_train_batch_size=t.batch_size,
@@ -92,14 +75,27 @@ def _training_args(params: Params, has_eval: bool):
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
         eval_steps=t.eval_steps or None,
-        bf16=gpu and torch.cuda.is_bf16_supported(),
+        bf16=_auto(t.bf16, gpu and torch.cuda.is_bf16_supported()),
+        gradient_checkpointing=_auto(t.gradient_checkpointing, gpu),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         use_cpu=not gpu,
         include_num_input_tokens_seen="non_padding",
+        average_tokens_across_devices=True,
         remove_unused_columns=False,
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
         report_to="none",
         disable_tqdm=False,
+        **distributed.trainer_kwargs(params),
     )
+
+
+def _csv(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def _prior_reports(params: Params) -> dict[str, float]:
@@ -112,56 +108,129 @@ def _prior_reports(params: Params) -> dict[str, float]:
     return metrics
 
 
-def run(params: Params) -> dict:
-    import mlflow
+def resume_key(params: Params, data_fingerprint: str) -> str:
+    """What a checkpoint must have been trained on to be resumed from."""
+    sections = {name: params.section(name) for name in ("model", "lora", "train")}
+    for volatile in ("resume", "save_steps", "save_total_limit", "logging_steps"):
+        sections["train"].pop(volatile)
+    blob = json.dumps([sections, data_fingerprint], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def train(params: Params) -> dict:
+    """Train in this process (one of the torchrun workers, or the only process)."""
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, set_seed
+
+    from tasks import engine
 
     set_seed(params.train.seed)
+    is_main = distributed.rank() == 0
     data = load_from_disk(str(params.data.tokenized_dir))
     tokenizer = load_tokenizer(params)
-    model = with_adapter(load_model(params), params)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
     has_eval = params.train.eval_steps > 0
-
+    args = _training_args(params, has_eval)  # also joins the process group under torchrun
+    model = with_adapter(load_model(params), params)
+    if args.gradient_checkpointing and params.lora.method != "full":
+        model.enable_input_require_grads()
+    with args.main_process_first(desc="checkpoint lookup"):
+        resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir,
+                                                  resume_key(params, data["train"]._fingerprint),
+                                                  params.train.resume, is_main)
+    world = args.world_size
     rows: list[dict] = []
-    with tracking.pipeline_run(params, new=True, run_name=f"finetune-{params.registry.model_name}") as run:
-        mlflow.set_tags({"tuneline.git_commit": tracking.git_commit(),
-                         "tuneline.params_hash": tracking.params_hash(params)})
-        tracking.log_section_params(params, "model", "data", "lora", "train")
-        mlflow.log_metrics(_prior_reports(params))
-        trainer = Trainer(
-            model=model,
-            args=_training_args(params, has_eval),
-            train_dataset=data["train"],
-            eval_dataset=data["eval"] if has_eval else None,
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-            callbacks=[_log_callback(rows)],
-        )
+    preemption = engine.PreemptionHandler()
+    seq = min(params.data.max_seq_length, max(len(x) for x in data["train"]["input_ids"]))
+    monitor = engine.HealthMonitor(rows, engine.flops_per_token(model, seq, args.gradient_checkpointing),
+                                   params.train.loss_spike_factor, world,
+                                   journal=params.train.checkpoint_dir / "train_log.jsonl")
+    trainer = engine.TunelineTrainer(
+        model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[monitor, preemption],
+    )
+    run_ctx = tracking.pipeline_run(params, new=True, run_name=f"finetune-{params.registry.model_name}") \
+        if is_main else nullcontext()
+    with run_ctx as run:
+        if is_main:
+            _log_run_start(params)
+        if resume_from:
+            print(f"train: resuming from {resume_from}")
         start = time.perf_counter()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume_from)
         seconds = time.perf_counter() - start
+        if preemption.requested_at is not None:
+            raise engine.Preempted(f"train: stopped on SIGTERM at step {trainer.state.global_step}; a checkpoint "
+                                   f"is in {params.train.checkpoint_dir}. Run again to resume.")
+        save_adapter(params, trainer, tokenizer, is_main)
+        if not is_main:
+            return {}
+        summary = _finish(params, trainer, result, model, rows, seconds, world, run.info.run_id, resume_from)
+    return summary
 
-        with atomic_dir(params.train.output_dir) as tmp:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-        summary = {
-            "mlflow_run_id": run.info.run_id,
-            "method": params.lora.method,
-            "steps": result.global_step,
-            "train_loss": round(result.training_loss, 4),
-            "final_loss": rows[-1]["loss"] if rows else None,
-            "seconds": round(seconds, 1),
-            "tokens_seen": int(trainer.state.num_input_tokens_seen),
-            "tokens_per_s": round(trainer.state.num_input_tokens_seen / seconds, 1),
-            "trainable_params": trainable,
-            "total_params": total,
-        }
-        mlflow.log_metrics({f"train.{k}": float(v) for k, v in summary.items()
-                            if isinstance(v, int | float) and k != "steps"})
-        write_text(params.report("train_log.csv"), _csv(rows))
-        write_json(params.report("train.json"), summary)
+
+def save_adapter(params: Params, trainer, tokenizer, is_main: bool) -> None:
+    """Every rank takes part (FSDP and ZeRO-3 gather the weights); rank 0 writes and renames."""
+    out = params.train.output_dir
+    staging = out.parent / f".{out.name}.staging"
+    if is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(staging))
+    if is_main:
+        tokenizer.save_pretrained(str(staging))
+        replace_dir(staging, out)
+
+
+def _log_run_start(params: Params) -> None:
+    import mlflow
+
+    mlflow.set_tags({"tuneline.git_commit": tracking.git_commit(),
+                     "tuneline.params_hash": tracking.params_hash(params)})
+    tracking.log_section_params(params, "model", "data", "lora", "train", "distributed")
+    mlflow.log_metrics(_prior_reports(params))
+
+
+def _finish(params, trainer, result, model, rows, seconds, world, run_id, resumed_from) -> dict:
+    """Rank 0: the log and the summary; drop the checkpoints of this finished run."""
+    import mlflow
+
+    gpus = world if _on_gpu() else 0
+    gpu_hours = seconds * gpus / 3600
+    tokens = int(trainer.state.num_input_tokens_seen)
+    summary = {
+        "mlflow_run_id": run_id,
+        "method": params.lora.method,
+        "strategy": params.distributed.strategy,
+        "world_size": world,
+        "steps": result.global_step,
+        "resumed_from": resumed_from,
+        "train_loss": round(result.training_loss, 4),
+        "final_loss": rows[-1]["loss"] if rows else None,
+        "seconds": round(seconds, 1),
+        "tokens_seen": tokens,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "gpu_hours": round(gpu_hours, 4),
+        "cost_usd": round(gpu_hours * params.cost.gpu_hour_usd, 4),
+    }
+    mlflow.log_metrics({f"train.{k}": float(v) for k, v in summary.items()
+                        if isinstance(v, int | float) and k != "steps"})
+    write_text(params.report("train_log.csv"), _csv(rows))
+    write_json(params.report("train.json"), summary)
+    shutil.rmtree(params.train.checkpoint_dir, ignore_errors=True)
+    return summary
+
+
+def run(params: Params) -> dict:
+    if distributed.plan(params).world_size > 1 and not distributed.is_worker():
+        distributed.relaunch(params)
+        summary = read_json(params.report("train.json"))
+    else:
+        summary = train(params)
+        if not summary:  # a worker other than rank 0
+            return {}
     return {k: summary[k] for k in ("steps", "train_loss", "seconds", "tokens_per_s")}
 
 

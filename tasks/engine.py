@@ -1,0 +1,175 @@
+"""The training engine around transformers' Trainer: safe checkpoints, health, preemption.
+
+- Checkpoints are written into a staging folder and renamed into place, so a
+  kill at any moment leaves only complete `checkpoint-N` folders behind.
+- A non-finite loss stops training at once, keeping the last good checkpoint.
+- SIGTERM (a spot preemption notice) saves a checkpoint at the end of the
+  current step and stops; the next run resumes from it.
+- Every logged step reports loss, learning rate, grad norm, tokens/s, an MFU
+  estimate and peak GPU memory to MLflow and to the CSV log; a loss spike over
+  `train.loss_spike_factor` times the running mean is flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
+
+from tasks.errors import TunelineError
+
+log = logging.getLogger("tuneline")
+
+# Fault injection for tests and drills: the loss of this optimizer step becomes NaN.
+FAULT_NAN_ENV = "TUNELINE_FAULT_NAN_AT_STEP"
+# bf16 dense peak of the GPUs MFU is quoted against; override with TUNELINE_PEAK_TFLOPS.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+class NonFiniteLoss(TunelineError):
+    pass
+
+
+class Preempted(TunelineError):
+    pass
+
+
+class TunelineTrainer(Trainer):
+    """Trainer with atomic checkpoints and a stop on non-finite loss."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        step = self.state.global_step + 1
+        if os.environ.get(FAULT_NAN_ENV) == str(step):
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise NonFiniteLoss(f"train: loss is {loss.item()} at step {step}; training stopped. "
+                                f"Last good checkpoint: {last or 'none yet'}. Lower train.learning_rate "
+                                "or check the data, then run again (it resumes from that checkpoint).")
+        return loss
+
+    def _save_checkpoint(self, model, trial):
+        final = self.args.output_dir
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(final, f".staging-{name}")
+        self.args.output_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.output_dir = final
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            target = os.path.join(final, name)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(os.path.join(staging, name), target)
+            shutil.rmtree(staging, ignore_errors=True)
+            rotate_checkpoints(output_dir=final, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+
+class PreemptionHandler(TrainerCallback):
+    """On SIGTERM: finish the step, save a checkpoint, stop."""
+
+    def __init__(self):
+        self.requested_at: float | None = None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.requested_at = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested_at is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+def flops_per_token(model, seq_len: int, checkpointing: bool) -> float:
+    """Matmul FLOPs per trained token, as the baseline bench counts them (frozen weights: forward +
+    input-gradient backward; trainable weights add the weight gradient; recompute adds a forward)."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    embed = model.get_input_embeddings().weight.numel()
+    layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    attention = 2 * 2 * layers * seq_len * hidden / 2
+    recompute = 2 if checkpointing else 0
+    return (4 + recompute) * (total - embed) + 2 * trainable + (4 + recompute / 2) * attention
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    if os.environ.get("TUNELINE_PEAK_TFLOPS"):
+        return float(os.environ["TUNELINE_PEAK_TFLOPS"]) * 1e12
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+class HealthMonitor(TrainerCallback):
+    """Per logged step: the health figures, into `rows`, MLflow (rank 0) and warnings."""
+
+    def __init__(self, rows: list[dict], flops_per_tok: float, spike_factor: float, world_size: int,
+                 journal: Path):
+        # The journal keeps the rows of earlier attempts, so a resumed run's log is whole.
+        self.rows, self.flops_per_tok, self.spike_factor = rows, flops_per_tok, spike_factor
+        self.journal = journal
+        self.peak = peak_flops()
+        self.world = world_size
+        self.mean_loss: float | None = None
+        self.last = (time.perf_counter(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.perf_counter(), state.num_input_tokens_seen)
+        if state.is_world_process_zero and self.journal.exists():
+            earlier = [json.loads(line) for line in self.journal.read_text().splitlines()]
+            self.rows.extend(r for r in earlier if r["step"] <= state.global_step)
+            self.journal.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.is_world_process_zero:
+            return
+        import mlflow
+
+        now, tokens = time.perf_counter(), state.num_input_tokens_seen
+        rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
+        self.last = (now, tokens)
+        loss = float(logs["loss"])
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0, 3), "loss": loss,
+               "learning_rate": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
+               "tokens_per_s": round(rate, 1)}
+        if self.peak:
+            row["mfu"] = round(rate / self.world * self.flops_per_tok / self.peak, 4)
+            row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.rows.append(row)
+        with open(self.journal, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        metrics = {f"train.{k}": float(v) for k, v in row.items() if k not in ("step", "epoch") and v is not None}
+        mlflow.log_metrics(metrics, step=state.global_step)
+        if self.mean_loss is not None and loss > self.spike_factor * self.mean_loss:
+            log.warning(f"train: loss spike at step {state.global_step}: {loss:.4f} is over "
+                        f"{self.spike_factor}x the running mean {self.mean_loss:.4f}")
+            mlflow.set_tag("tuneline.loss_spike", f"step {state.global_step}: {loss:.4f}")
+        self.mean_loss = loss if self.mean_loss is None else 0.9 * self.mean_loss + 0.1 * loss
+
+
+def checkpoint_to_resume(checkpoint_dir: Path, key: str, resume: str, is_main: bool) -> str | None:
+    """The newest complete checkpoint of this very configuration, or None (then the folder is reset)."""
+    key_file = checkpoint_dir / "resume_key"
+    same = key_file.exists() and key_file.read_text() == key
+    latest = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+    if resume == "auto" and same and latest:
+        return latest
+    if is_main:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        checkpoint_dir.mkdir(parents=True)
+        key_file.write_text(key)
+    return None
