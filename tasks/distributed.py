@@ -88,9 +88,9 @@ def trainer_kwargs(params: Params) -> dict:
     """The TrainingArguments that select FSDP or DeepSpeed (DDP needs none: it is the default)."""
     d = params.distributed
     if d.strategy == "fsdp":
+        # FSDP2 (per-parameter sharding): frozen bf16 base and fp32 LoRA weights shard side by side.
         return {"fsdp": "full_shard auto_wrap",
-                "fsdp_config": {"transformer_layer_cls_to_wrap": _decoder_layer_names(params),
-                                "use_orig_params": True, "sync_module_states": True}}
+                "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": _decoder_layer_names(params)}}
     if d.strategy == "deepspeed":
         zero: dict = {"stage": d.deepspeed.stage, "overlap_comm": True}
         if d.deepspeed.offload_optimizer:
