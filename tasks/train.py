@@ -78,6 +78,7 @@ def _training_args(params: Params, has_eval: bool):
         bf16=_auto(t.bf16, gpu and torch.cuda.is_bf16_supported()),
         gradient_checkpointing=_auto(t.gradient_checkpointing, gpu),
         gradient_checkpointing_kwargs={"use_reentrant": False},
+        torch_compile=_auto(t.compile, gpu),
         use_cpu=not gpu,
         include_num_input_tokens_seen="non_padding",
         average_tokens_across_devices=True,
@@ -120,9 +121,9 @@ def resume_key(params: Params, data_fingerprint: str) -> str:
 def train(params: Params) -> dict:
     """Train in this process (one of the torchrun workers, or the only process)."""
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, set_seed
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, set_seed
 
-    from tasks import engine
+    from tasks import engine, loss
 
     set_seed(params.train.seed)
     is_main = distributed.rank() == 0
@@ -133,6 +134,16 @@ def train(params: Params) -> dict:
     model = with_adapter(load_model(params), params)
     if args.gradient_checkpointing and params.lora.method != "full":
         model.enable_input_require_grads()
+    packing = _auto(params.train.packing, _on_gpu())
+    if packing:
+        # Padding-free: a batch is one row, position ids restart per example, and transformers builds
+        # the block-diagonal causal mask from them (needs no KV cache in the forward).
+        model.config.use_cache = False
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    loss_func, restore_head = (loss.install(model, params.train.loss_chunk_tokens)
+                               if _auto(params.train.chunked_loss, _on_gpu()) else (None, lambda: None))
     with args.main_process_first(desc="checkpoint lookup"):
         resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir,
                                                   resume_key(params, data["train"]._fingerprint),
@@ -146,8 +157,7 @@ def train(params: Params) -> dict:
                                    journal=params.train.checkpoint_dir / "train_log.jsonl")
     trainer = engine.TunelineTrainer(
         model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[monitor, preemption],
+        data_collator=collator, callbacks=[monitor, preemption], compute_loss_func=loss_func,
     )
     run_ctx = tracking.pipeline_run(params, new=True, run_name=f"finetune-{params.registry.model_name}") \
         if is_main else nullcontext()
@@ -157,7 +167,10 @@ def train(params: Params) -> dict:
         if resume_from:
             print(f"train: resuming from {resume_from}")
         start = time.perf_counter()
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume_from)
+        finally:
+            restore_head()
         seconds = time.perf_counter() - start
         if preemption.requested_at is not None:
             raise engine.Preempted(f"train: stopped on SIGTERM at step {trainer.state.global_step}; a checkpoint "

@@ -1,0 +1,127 @@
+"""The training speed paths must not change the numbers: packing and the chunked loss (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
+
+from tasks.loss import chunked_cross_entropy, install
+
+
+def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      attn_implementation=attn)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+def examples(n: int = 5) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        length = 9 + 7 * i
+        ids = torch.randint(3, 300, (length,), generator=g).tolist()
+        prompt = length // 3
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def pad(batch: list[dict]) -> dict:
+    n = max(len(e["input_ids"]) for e in batch)
+    return {"input_ids": torch.tensor([e["input_ids"] + [0] * (n - len(e["input_ids"])) for e in batch]),
+            "attention_mask": torch.tensor([[1] * len(e["input_ids"]) + [0] * (n - len(e["input_ids"]))
+                                            for e in batch]),
+            "labels": torch.tensor([e["labels"] + [-100] * (n - len(e["labels"])) for e in batch])}
+
+
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor, rows: list[slice]) -> list[float]:
+    token_loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
+    return [float(token_loss[r][labels[0, 1:][r] != -100].mean()) for r in rows]
+
+
+def test_packed_and_padded_batches_give_the_same_per_example_loss():
+    model, batch = tiny_llama(), examples()
+    padded_batch = pad(batch)
+    with torch.no_grad():
+        logits = model(input_ids=padded_batch["input_ids"], attention_mask=padded_batch["attention_mask"]).logits
+    unpacked = []
+    for i, e in enumerate(batch):
+        n = len(e["input_ids"])
+        unpacked += per_example_losses(logits[i:i + 1, :n], padded_batch["labels"][i:i + 1, :n], [slice(0, n - 1)])
+
+    packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(batch)
+    assert packed["input_ids"].shape[0] == 1 and int(packed["position_ids"][0, 0]) == 0
+    with torch.no_grad():
+        packed_logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"],
+                              use_cache=False).logits
+    bounds, start = [], 0
+    for e in batch:
+        bounds.append(slice(start, start + len(e["input_ids"]) - 1))
+        start += len(e["input_ids"])
+    assert per_example_losses(packed_logits, packed["labels"], bounds) == pytest.approx(unpacked, abs=1e-4)
+
+
+def test_packing_without_position_ids_would_leak_across_examples():
+    """The check above can fail: without restarting positions, examples attend to each other."""
+    model, batch = tiny_llama(), examples()
+    packed = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)(batch)
+    with torch.no_grad():
+        right = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+        leaky = model(input_ids=packed["input_ids"], use_cache=False).logits
+    second = slice(len(batch[0]["input_ids"]), len(batch[0]["input_ids"]) + len(batch[1]["input_ids"]))
+    assert (right[0, second] - leaky[0, second]).abs().max() > 1e-3
+
+
+def test_chunked_loss_equals_plain_loss_and_gradient():
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 37, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 37))
+    labels[:, :5] = -100
+    plain = F.cross_entropy((hidden @ weight.t())[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                            ignore_index=-100)
+    chunked = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=8)
+    assert torch.allclose(chunked, plain, atol=1e-10)
+    g_plain = torch.autograd.grad(plain, (hidden, weight))
+    g_chunk = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk_tokens=8), (hidden, weight))
+    for a, b in zip(g_plain, g_chunk, strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_installed_chunked_loss_matches_the_model_loss():
+    model, batch = tiny_llama(), examples()
+    padded = pad(batch)
+    with torch.no_grad():
+        reference = model(**padded).loss
+    compute_loss, restore = install(model, chunk_tokens=16)
+    labels = padded.pop("labels")
+    with torch.no_grad():
+        outputs = model(**padded)
+        assert outputs.logits.shape[-1] == model.config.hidden_size  # no vocabulary-wide logits
+        assert torch.allclose(compute_loss(outputs, labels), reference, atol=1e-5)
+    restore()
+    assert model(**padded).logits.shape[-1] == model.config.vocab_size
+
+
+def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_run, tmp_path):
+    """The engine's packed, chunked-loss path logs the same losses as the padded default (fp32)."""
+    import csv
+
+    from tasks.stage import run_stage
+
+    params, _ = tiny_run
+    fast = params.model_copy(update={
+        "reports_dir": tmp_path / "reports",
+        "train": params.train.model_copy(update={"packing": True, "chunked_loss": True, "loss_chunk_tokens": 64,
+                                                 "output_dir": tmp_path / "adapter",
+                                                 "checkpoint_dir": tmp_path / "ckpt"})})
+    run_stage("train", fast)
+
+    def losses(reports):
+        return [float(r["loss"]) for r in csv.DictReader((reports / "train_log.csv").open())]
+
+    assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=1e-4)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
