@@ -118,12 +118,37 @@ def resume_key(params: Params, data_fingerprint: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=None, callbacks=()):
+    """The Trainer every training run uses (the bench too): collator, loss and checkpointing from params.
+
+    Returns (trainer, restore): `restore` puts back the vocabulary head the chunked loss took over.
+    """
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    from tasks import engine, loss
+
+    if args.gradient_checkpointing and params.lora.method != "full":
+        model.enable_input_require_grads()
+    if _auto(params.train.packing, _on_gpu()):
+        # Padding-free: a batch is one row, position ids restart per example, and transformers builds
+        # the block-diagonal causal mask from them (needs no KV cache in the forward).
+        model.config.use_cache = False
+        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    else:
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens)
+                          if _auto(params.train.chunked_loss, _on_gpu()) else (None, lambda: None))
+    trainer = engine.TunelineTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+                                     data_collator=collator, callbacks=list(callbacks), compute_loss_func=loss_func)
+    return trainer, restore
+
+
 def train(params: Params) -> dict:
     """Train in this process (one of the torchrun workers, or the only process)."""
     from datasets import load_from_disk
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening, set_seed
+    from transformers import set_seed
 
-    from tasks import engine, loss
+    from tasks import engine
 
     set_seed(params.train.seed)
     is_main = distributed.rank() == 0
@@ -132,18 +157,6 @@ def train(params: Params) -> dict:
     has_eval = params.train.eval_steps > 0
     args = _training_args(params, has_eval)  # also joins the process group under torchrun
     model = with_adapter(load_model(params), params)
-    if args.gradient_checkpointing and params.lora.method != "full":
-        model.enable_input_require_grads()
-    packing = _auto(params.train.packing, _on_gpu())
-    if packing:
-        # Padding-free: a batch is one row, position ids restart per example, and transformers builds
-        # the block-diagonal causal mask from them (needs no KV cache in the forward).
-        model.config.use_cache = False
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    else:
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    loss_func, restore_head = (loss.install(model, params.train.loss_chunk_tokens)
-                               if _auto(params.train.chunked_loss, _on_gpu()) else (None, lambda: None))
     with args.main_process_first(desc="checkpoint lookup"):
         resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir,
                                                   resume_key(params, data["train"]._fingerprint),
@@ -155,10 +168,8 @@ def train(params: Params) -> dict:
     monitor = engine.HealthMonitor(rows, engine.flops_per_token(model, seq, args.gradient_checkpointing),
                                    params.train.loss_spike_factor, world,
                                    journal=params.train.checkpoint_dir / "train_log.jsonl")
-    trainer = engine.TunelineTrainer(
-        model=model, args=args, train_dataset=data["train"], eval_dataset=data["eval"] if has_eval else None,
-        data_collator=collator, callbacks=[monitor, preemption], compute_loss_func=loss_func,
-    )
+    trainer, restore_head = build_trainer(params, args, model, tokenizer, data["train"],
+                                          data["eval"] if has_eval else None, [monitor, preemption])
     run_ctx = tracking.pipeline_run(params, new=True, run_name=f"finetune-{params.registry.model_name}") \
         if is_main else nullcontext()
     with run_ctx as run:
@@ -191,6 +202,8 @@ def save_adapter(params: Params, trainer, tokenizer, is_main: bool) -> None:
     trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(staging))
     if is_main:
+        # Trainer adds its arguments as a pickle; outputs hold safetensors and JSON only.
+        (staging / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(staging))
         replace_dir(staging, out)
 
