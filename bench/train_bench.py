@@ -1,0 +1,220 @@
+"""Training speed: the plain PEFT loop (shared/bench/plain_peft_baseline.py) against Tuneline's engine.
+
+Both run in this process on the same random-init Llama shape, the same data and
+the same GPU. The baseline is the hand-written loop a transformers + peft user
+writes (padded batches, full logits, loss inside the model). Tuneline's side is
+`tasks.train.build_trainer` with params: the real collator (packing), the
+chunked loss, torch.compile, gradient checkpointing as configured.
+
+Two datasets: fixed length (every row `seq` tokens: the shared baseline's setting)
+and variable length (instruction-like: log-normal lengths, mean near 300, tail to
+`seq`, the first third of each example is prompt and carries no loss), where the
+baseline pads every batch to its longest row.
+
+    python bench/train_bench.py --shape llama-1b --bs 8                # one GPU
+    python bench/train_bench.py --shape llama-8b --bs 4 --ckpt
+Prints one JSON line per run and a ratio line per dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+    "llama-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=128256),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PEAK = float(os.environ.get("PEAK_TFLOPS", "790")) * 1e12
+
+
+def make_data(kind: str, n: int, seq: int, vocab: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    if kind == "fixed":
+        lengths = [seq] * n
+    else:
+        # log-normal with median ~220 and mean ~300 tokens, clipped to [16, seq]
+        raw = torch.exp(torch.randn(n, generator=g) * 0.8 + math.log(220))
+        lengths = [int(min(max(x, 16), seq)) for x in raw]
+    rows = []
+    for length in lengths:
+        ids = torch.randint(0, vocab, (length,), generator=g).tolist()
+        prompt = length // 3 if kind != "fixed" else 0
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def model_for(shape: str, seq: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=seq, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(cfg).to(torch.bfloat16)
+
+
+def flops_per_token(model, seq: int, ckpt: bool) -> float:
+    """The shared baseline's count: matmul FLOPs per token for LoRA (frozen weights fwd + input-grad bwd)."""
+    cfg = model.config
+    n_mm = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    attn = 2 * 2 * cfg.num_hidden_layers * seq * cfg.hidden_size / 2
+    return (4 + (2 if ckpt else 0)) * n_mm + (2 + 2 + (1 if ckpt else 0)) * attn
+
+
+def result(name, data_kind, args, step_s, tokens, real_tokens, per_tok) -> dict:
+    return {"engine": name, "data": data_kind, "shape": args.shape, "seq": args.seq, "bs": args.bs,
+            "ckpt": args.ckpt, "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
+            "nonpad_tokens_per_s": round(real_tokens / step_s),
+            "padding_fraction": round(1 - real_tokens / tokens, 4),
+            "mfu": round(real_tokens / step_s * per_tok / PEAK, 3),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+
+
+def baseline(args, rows, data_kind, compile_: bool) -> dict:
+    """The shared baseline loop, with padded batches of `rows`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = model_for(args.shape, args.seq)
+    per_tok = flops_per_token(model, args.seq, args.ckpt)
+    if args.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=TARGETS))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    fwd = torch.compile(model) if compile_ else model
+    batches = [rows[i:i + args.bs] for i in range(0, len(rows) - args.bs + 1, args.bs)]
+
+    def pad(batch):
+        n = max(len(r["input_ids"]) for r in batch)
+        ids = torch.tensor([r["input_ids"] + [0] * (n - len(r["input_ids"])) for r in batch], device="cuda")
+        mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (n - len(r["input_ids"])) for r in batch],
+                            device="cuda")
+        labels = torch.tensor([r["labels"] + [-100] * (n - len(r["labels"])) for r in batch], device="cuda")
+        return ids, mask, labels
+
+    def step(batch):
+        ids, mask, labels = pad(batch)
+        fwd(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return ids.numel(), int(mask.sum())
+
+    for b in batches[:args.warmup]:
+        step(b)
+    torch.cuda.synchronize()
+    t, tokens, real = time.perf_counter(), 0, 0
+    for b in batches[args.warmup:args.warmup + args.steps]:
+        a, r = step(b)
+        tokens, real = tokens + a, real + r
+    torch.cuda.synchronize()
+    out = result("baseline" + ("-compiled" if compile_ else ""), data_kind, args,
+                 (time.perf_counter() - t) / args.steps, tokens / args.steps, real / args.steps, per_tok)
+    del model, fwd, opt
+    return out
+
+
+def tuneline(args, rows, data_kind) -> dict:
+    """Tuneline's engine: tasks.train.build_trainer with the params below, timed between steps."""
+    from transformers import TrainerCallback
+
+    from tasks.bootstrap import build_tokenizer
+    from tasks.config import Params
+    from tasks.train import _training_args, build_trainer, with_adapter
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    work = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    params = Params.model_validate({"train": {
+        "batch_size": args.bs, "max_steps": args.warmup + args.steps, "logging_steps": 10**6, "save_steps": 10**6,
+        "learning_rate": 1e-4, "lr_scheduler": "constant", "warmup_ratio": 0.0, "bf16": True,
+        "gradient_checkpointing": args.ckpt, "packing": not args.no_packing, "chunked_loss": not args.no_chunked,
+        "compile": not args.no_compile, "output_dir": str(work / "adapter"), "checkpoint_dir": str(work / "ckpt")},
+        "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS}})
+    training_args = _training_args(params, has_eval=False)
+    training_args.dataloader_drop_last = True
+    model = with_adapter(model_for(args.shape, args.seq), params)
+    per_tok = flops_per_token(model.get_base_model(), args.seq, args.ckpt)
+    marks: dict[int, tuple[float, int]] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                torch.cuda.synchronize()
+                marks[state.global_step] = (time.perf_counter(), state.num_input_tokens_seen)
+
+    tokenizer = build_tokenizer(["bench"], 300)
+    trainer, restore = build_trainer(params, training_args, model, tokenizer, rows,
+                                     callbacks=[Clock()])
+    trainer.train()
+    restore()
+    (t0, n0), (t1, n1) = marks[args.warmup], marks[args.warmup + args.steps]
+    step_s = (t1 - t0) / args.steps
+    real = (n1 - n0) / args.steps
+    name = "tuneline" + "".join(f"-no{k}" for k in ("packing", "chunked", "compile") if getattr(args, f"no_{k}"))
+    # Trainer counts non-padding tokens only: with packing there is no padding to count.
+    out = result(name, data_kind, args, step_s, real, real, per_tok)
+    del trainer, model
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(SHAPES))
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing (both sides)")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--data", default="fixed,variable")
+    ap.add_argument("--runs", default="baseline,baseline-compiled,tuneline")
+    for k in ("packing", "chunked", "compile"):
+        ap.add_argument(f"--no-{k}", action="store_true", help=f"Tuneline without {k}")
+    ap.add_argument("--out", default=None, help="append results as JSON lines here")
+    args = ap.parse_args()
+    print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    for kind in args.data.split(","):
+        rows = make_data(kind, (args.warmup + args.steps + 2) * args.bs, args.seq, vocab)
+        results = {}
+        for run in args.runs.split(","):
+            try:
+                r = tuneline(args, rows, kind) if run == "tuneline" else baseline(args, rows, kind,
+                                                                                    run.endswith("compiled"))
+            except Exception as e:  # an OOM in one run must not hide the others' figures
+                r = {"engine": run, "data": kind, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+                torch.cuda.empty_cache()
+            results[run] = r
+            print(json.dumps(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+        t, b = results.get("tuneline", {}), results.get("baseline", {})
+        if "nonpad_tokens_per_s" in t and "nonpad_tokens_per_s" in b:
+            c = results.get("baseline-compiled", {})
+            print(json.dumps({"data": kind, "shape": args.shape,
+                              "ratio_vs_eager_nonpad": round(t["nonpad_tokens_per_s"] / b["nonpad_tokens_per_s"], 2),
+                              "ratio_vs_compiled_nonpad": round(t["nonpad_tokens_per_s"] / c["nonpad_tokens_per_s"], 2)
+                              if "nonpad_tokens_per_s" in c else None,
+                              "peak_mem_vs_eager": round(t["peak_mem_gib"] / b["peak_mem_gib"], 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
