@@ -127,7 +127,6 @@ def baseline(args, rows, data_kind, compile_: bool) -> dict:
     torch.cuda.synchronize()
     out = result("baseline" + ("-compiled" if compile_ else ""), data_kind, args,
                  (time.perf_counter() - t) / args.steps, tokens / args.steps, real / args.steps, per_tok)
-    del model, fwd, opt
     return out
 
 
@@ -171,7 +170,6 @@ def tuneline(args, rows, data_kind) -> dict:
     name = "tuneline" + "".join(f"-no{k}" for k in ("packing", "chunked", "compile") if getattr(args, f"no_{k}"))
     # Trainer counts non-padding tokens only: with packing there is no padding to count.
     out = result(name, data_kind, args, step_s, real, real, per_tok)
-    del trainer, model
     return out
 
 
