@@ -59,10 +59,10 @@ def make_data(kind: str, n: int, seq: int, vocab: int) -> list[dict]:
     return rows
 
 
-def model_for(shape: str, seq: int):
+def model_for(shape: str, seq: int, attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=seq, attn_implementation="sdpa")
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=seq, attn_implementation=attn)
     torch.manual_seed(0)
     with torch.device("cuda"):
         return LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -136,7 +136,7 @@ def tuneline(args, rows, data_kind) -> dict:
 
     from tasks.bootstrap import build_tokenizer
     from tasks.config import Params
-    from tasks.train import _training_args, build_trainer, with_adapter
+    from tasks.train import _training_args, attention, build_trainer, with_adapter
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -149,7 +149,7 @@ def tuneline(args, rows, data_kind) -> dict:
         "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS}})
     training_args = _training_args(params, has_eval=False)
     training_args.dataloader_drop_last = True
-    model = with_adapter(model_for(args.shape, args.seq), params)
+    model = with_adapter(model_for(args.shape, args.seq, attention(params) or "sdpa"), params)
     per_tok = flops_per_token(model.get_base_model(), args.seq, args.ckpt)
     marks: dict[int, tuple[float, int]] = {}
 

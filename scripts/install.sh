@@ -10,4 +10,8 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check uv "$TORCH_SPEC"
 .venv/bin/uv pip install --quiet --python .venv/bin/python -e ".[dev]"
+# checkov (tests/test_infra.py) gets its own environment: it pins boto3, packaging and networkx to
+# versions that clash with DVC's and Ray's, so it cannot share .venv's packages.
+[ -x .venv/checkov/bin/checkov ] || { .venv/bin/uv venv --quiet --clear --python .venv/bin/python .venv/checkov \
+  && .venv/bin/uv pip install --quiet --python .venv/checkov/bin/python "checkov==3.3.30"; }
 echo "installed: $(.venv/bin/tuneline --help >/dev/null && echo tuneline) into .venv"

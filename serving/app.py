@@ -1,268 +1,414 @@
-"""The Ray Serve application: one merged model behind an OpenAI-compatible HTTP API.
+"""The Ray Serve application: merged models behind an OpenAI-compatible HTTP API.
 
-`GET /v1/models`, `POST /v1/completions` and `POST /v1/chat/completions` (with
-`stream`), so any OpenAI client can talk to a served Tuneline model. Every bad
-request gets an OpenAI-style 4xx error body, never a 500 with a traceback.
+`GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (with `stream`), so any
+OpenAI client can talk to a served Tuneline model, and `GET /v1/metrics` (JSON: requests,
+latency, time to first token, tokens/s, batch sizes) for `tuneline serve status`. Every bad
+request gets an OpenAI-style 4xx body, never a 500 with a traceback.
+
+Two deployments:
+
+- `ModelServer` loads one model (a folder or an MLflow URI such as `models:/NAME@champion`,
+  fetched inside the replica), batches concurrent requests with `@serve.batch` (streams bypass
+  the batcher), autoscales, and takes a GPU per replica where the cluster has one.
+- `Router` is the FastAPI ingress: API key, validation, OpenAI formatting, metrics. It holds a
+  handle to the ModelServer that serves; it knows no model, so it can point at any version.
+
+Two layouts of them:
+
+- `build_app` (and `app_builder`, for `serve deploy serving/serve_config.yaml`): one application,
+  the router bound to its model server.
+- `build_model_app` + `build_router_app`: what the deploy stage runs for zero-downtime promotion.
+  Each model version is an application of its own without a route (`tuneline-v3`); the router
+  application owns the public route `/`, and its config names the version application it sends
+  traffic to. Switching = redeploying the router with another name in that config: Serve starts
+  the new router replicas beside the old ones (max_surge_percent=100) and moves traffic only when
+  they run, the old ones drain, and the old version is removed only after that. See tasks/promotion.py.
 """
 
+import asyncio
 import hmac
 import json
 import os
 import threading
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Literal
+from concurrent.futures import ThreadPoolExecutor
 
-import torch
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
-from tasks.formats import render_prompt, stop_strings
-from tasks.models import encode_prompt
+from serving.api import (
+    DONE,
+    VERSION_HEADER,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Stats,
+    chunk,
+    completion_body,
+    error_response,
+    head,
+    to_spec,
+    usage_chunk,
+)
 
-# A replica reserves one CPU and uses one thread: batch-1 generation of a small model gains little
-# from more, and the threads of several replicas would fight over the same cores.
+# A model replica reserves one CPU and uses one thread: the threads of several replicas would
+# otherwise fight over the same cores. The router does only I/O and reserves none.
 REPLICA_CPUS = 1
-STREAM_CHUNK_CHARS = 8
-COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+ROUTER_DEPLOYMENT, MODEL_DEPLOYMENT = "Router", "ModelServer"
+ROUTER_MAX_ONGOING = 1024  # the router only awaits; the model servers' queues are the real limit
+DRAIN_TIMEOUT_S = 120.0  # a stopping replica finishes its requests (and streams) for up to this long
+# A model that fails to load fails the same way again: two tries, then the deployment is DEPLOY_FAILED.
+MODEL_CONSTRUCTOR_RETRIES = 2
+LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 api = FastAPI(title="Tuneline", docs_url=None, redoc_url=None)
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+def _replica() -> "Router":
+    return serve.get_replica_context().servable_object
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None):
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+def _error(status: int, message: str, param: str | None = None, code: str | None = None):
+    _replica().count_error(status)
+    return error_response(status, message, param, code)
 
 
 @api.exception_handler(APIError)
 def _api_error(request: Request, exc: APIError):
-    return error_response(exc.status, exc.message, exc.param, exc.code)
+    return _error(exc.status, exc.message, exc.param, exc.code)
 
 
 @api.exception_handler(RequestValidationError)
 def _invalid_request(request: Request, exc: RequestValidationError):
     errors = exc.errors()
     if errors and errors[0]["type"] == "json_invalid":
-        return error_response(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', '')}")
+        return _error(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', '')}")
     fields = [[str(p) for p in e["loc"] if p != "body"] for e in errors]
     message = "; ".join(f"{'.'.join(f) or 'body'}: {e['msg']}" for f, e in zip(fields, errors, strict=True))
-    return error_response(400, message, param=fields[0][0] if fields and fields[0] else None)
+    return _error(400, message, param=fields[0][0] if fields and fields[0] else None)
 
 
 @api.exception_handler(HTTPException)
 def _http_error(request: Request, exc: HTTPException):
-    return error_response(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, str(exc.detail))
 
 
-Stop = Annotated[str, Field(min_length=1)]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    # Clients send fields this server has no use for (user, logprobs=null, ...): ignore them.
-    model_config = ConfigDict(extra="ignore")
-
-    model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stop: Stop | list[Stop] | None = None
-    seed: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-@dataclass
-class Generation:
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class _StopOnText(StoppingCriteria):
-    """Ends generation once the new text contains a stop string, so no tokens are wasted past it."""
-
-    def __init__(self, tokenizer, stops: list[str], start: int):
-        self.tokenizer, self.stops, self.start = tokenizer, stops, start
-
-    def __call__(self, input_ids, scores, **kwargs):
-        text = self.tokenizer.decode(input_ids[0, self.start:], skip_special_tokens=False)
-        return torch.full((input_ids.shape[0],), any(s in text for s in self.stops), dtype=torch.bool)
+@api.exception_handler(Exception)
+def _server_error(request: Request, exc: Exception):
+    return _error(500, f"the server failed: {type(exc).__name__}: {str(exc)[-500:]}")
 
 
 def authorize(authorization: str | None = Header(None)) -> None:
-    """A route dependency, so it runs before the body is validated: a keyless caller learns that first.
-    The key lives on the replica's instance, which Serve keeps in the replica context."""
-    key = serve.get_replica_context().servable_object.api_key
+    """A route dependency, so it runs before the body is validated: a keyless caller learns that first."""
+    key = _replica().api_key
     if key and not hmac.compare_digest((authorization or "").encode(), f"Bearer {key}".encode()):
-        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                       code="invalid_api_key")
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
-@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS})
+@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+                  max_constructor_retry_count=MODEL_CONSTRUCTOR_RETRIES)
+class ModelServer:
+    """One model: batched generation for plain requests, token streaming for `stream` requests."""
+
+    def __init__(self, model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
+                 tracking_uri: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02):
+        from serving.engine import Engine  # torch and transformers load in the replica, not in the router
+
+        self.engine = Engine(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri,
+                             threads=REPLICA_CPUS)
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self._batched.set_max_batch_size(max_batch_size)
+        self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="generate")  # they queue on one lock
+        self.tags = {"model_version": str(self.engine.source.get("version") or "")}
+        self.batch_sizes = Histogram("tuneline_batch_size", "requests per generated batch",
+                                     boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model_version",))
+        self.tokens = Counter("tuneline_generated_tokens", "completion tokens generated", tag_keys=("model_version",))
+        self.speed = Histogram("tuneline_batch_tokens_per_s", "completion tokens per second of one generate call",
+                               boundaries=[1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000],
+                               tag_keys=("model_version",))
+
+    def info(self) -> dict:
+        return {**self.engine.info(), "max_batch_size": self.max_batch_size,
+                "batch_wait_timeout_s": self.batch_wait_timeout_s}
+
+    async def generate(self, spec: dict) -> dict:
+        """One request (serving.api.to_spec) through the batcher; a result dict, or {"error": ...}."""
+        try:
+            job = self.engine.prepare(spec)
+        except APIError as e:
+            return {"error": e.to_dict()}
+        return await self._batched(job)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # the real values come from __init__
+    async def _batched(self, jobs: list) -> list[dict]:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.generate, jobs)
+        except Exception as e:  # the model failed (NaN logits, out of memory): every request of the batch says so
+            error = APIError(500, f"the model failed: {type(e).__name__}: {str(e)[-500:]}", code="model_error")
+            return [{"error": error.to_dict()} for _ in jobs]
+        self._observe(results)
+        return results
+
+    def _observe(self, results: list[dict]) -> None:
+        tokens = sum(r["completion_tokens"] for r in results)
+        self.batch_sizes.observe(len(results), tags=self.tags)
+        self.tokens.inc(tokens, tags=self.tags)
+        if results[0]["generate_s"] > 0:
+            self.speed.observe(tokens / results[0]["generate_s"], tags=self.tags)
+
+    async def stream(self, spec: dict):
+        """Yields {"error"} or {"prompt_tokens"} first, then {"text"} pieces, then {"final": result}."""
+        try:
+            job = self.engine.prepare(spec)
+        except APIError as e:
+            yield {"error": e.to_dict()}
+            return
+        yield {"prompt_tokens": len(job.ids)}
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()  # set when the client goes away: generation stops at the next token
+
+        def emit(text: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, text)
+
+        future = loop.run_in_executor(self.executor, self.engine.stream, job, emit, cancel)
+        future.add_done_callback(lambda _: queue.put_nowait(None))
+        try:
+            while (text := await queue.get()) is not None:
+                yield {"text": text}
+            result = future.result()
+            self._observe([result])
+            yield {"final": result}
+        finally:
+            cancel.set()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING,
+                  graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S, max_surge_percent=100)
 @serve.ingress(api)
-class OpenAIServer:
-    def __init__(self, model_dir: str, served_name: str, template: str, max_tokens_limit: int,
-                 max_prompt_tokens: int, api_key_env: str | None):
-        torch.set_num_threads(REPLICA_CPUS)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True,
-                                                          local_files_only=True).eval()
-        eos = self.model.generation_config.eos_token_id
-        eos = self.tokenizer.eos_token_id if eos is None else eos
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else min(self.eos_ids)
-        self.served_name, self.template = served_name, template
-        self.template_stops = stop_strings(template)
-        self.max_tokens_limit, self.max_prompt_tokens = max_tokens_limit, max_prompt_tokens
-        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+class Router:
+    """The public face: OpenAI endpoints, key, validation and metrics, in front of one ModelServer."""
+
+    def __init__(self, model: DeploymentHandle | None = None):
+        self.bound = model
+        self.stats = Stats()
+        self.model_info: dict | None = None
+        self.version: str | None = None
+        self.requests = Counter("tuneline_requests", "HTTP requests by route and status",
+                                tag_keys=("route", "status", "model_version"))
+        self.latency = Histogram("tuneline_request_latency_s", "request latency, seconds",
+                                 boundaries=LATENCY_BUCKETS, tag_keys=("route", "model_version"))
+        self.ttft = Histogram("tuneline_ttft_s", "time to first token, seconds",
+                              boundaries=LATENCY_BUCKETS, tag_keys=("route", "model_version"))
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve's user_config: served_name, max_tokens_limit, api_key_env, and in the deploy layout
+        active_app (the version application to send traffic to) and version."""
+        key_env = config.get("api_key_env")
+        self.api_key = os.environ.get(key_env) if key_env else None
+        if key_env and not self.api_key:
+            raise RuntimeError(f"serving.api_key_env is {key_env!r}, but that variable is not set for this "
+                               "replica: refusing to serve without the key")
+        self.served_name, self.max_tokens_limit = config["served_name"], int(config["max_tokens_limit"])
+        self.active_app = config.get("active_app")
+        self.model = serve.get_deployment_handle(MODEL_DEPLOYMENT, self.active_app) if self.active_app else self.bound
+        if self.model is None:
+            raise ValueError("Router: bind a ModelServer or name config['active_app']")
+        if config.get("version") != self.version:
+            self.stats, self.model_info = Stats(), None
+        self.version = config.get("version")
         self.created = int(time.time())
-        # One generation at a time: a request's seed must own the global RNG, and the CPU is one core.
-        self.lock = threading.Lock()
-        # A template the tokenizer cannot render fails the deployment now, not every chat request later.
-        render_prompt([{"role": "user", "content": "hi"}], template, self.tokenizer)
+
+    def info(self) -> dict:
+        """For the deploy stage, through a handle: where traffic goes now."""
+        return {"active_app": self.active_app, "version": self.version, "served_name": self.served_name}
+
+    async def _model_info(self) -> dict:
+        if self.model_info is None:
+            self.model_info = await self.model.info.remote()
+        return self.model_info
+
+    async def _version(self) -> str:
+        return str(self.version or (await self._model_info()).get("version") or "")
+
+    def count_error(self, status: int) -> None:
+        self.stats.error(status)
+        self.requests.inc(tags={"route": "", "status": str(status), "model_version": str(self.version or "")})
+
+    def _done(self, route: str, version: str, latency: float, ttft: float | None, gen: dict, stream: bool) -> None:
+        self.stats.done(latency, ttft, gen["completion_tokens"], None if stream else gen.get("batch_size"), stream)
+        tags = {"route": route, "model_version": version}
+        self.requests.inc(tags={**tags, "status": "200"})
+        self.latency.observe(latency, tags=tags)
+        if ttft is not None:
+            self.ttft.observe(ttft, tags=tags)
 
     @api.get("/v1/models", dependencies=[Depends(authorize)])
-    def models(self):
+    async def models(self):
         card = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "tuneline"}
         return {"object": "list", "data": [card]}
 
+    @api.get("/v1/metrics", dependencies=[Depends(authorize)])
+    async def metrics(self):
+        """This router's view since its version went live (Prometheus has the same through Ray)."""
+        info = await self._model_info()
+        return {"served_model": self.served_name, "version": await self._version() or None, "app": self.active_app,
+                "model": info, **self.stats.snapshot()}
+
     @api.post("/v1/completions", dependencies=[Depends(authorize)])
-    def completions(self, req: CompletionRequest):
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        ids = self.tokenizer(prompt)["input_ids"]
-        gen = self._generate(req, ids, "prompt", req.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
-        return self._respond(req, gen, chat=False)
+    async def completions(self, req: CompletionRequest):
+        return await self._serve(req, chat=False)
 
     @api.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    def chat_completions(self, req: ChatRequest):
-        prompt = render_prompt([m.model_dump() for m in req.messages], self.template, self.tokenizer)
-        max_tokens = req.max_tokens or req.max_completion_tokens or self.max_tokens_limit
-        # Encoded as in training (tasks.tokenize), so the model sees the prompts it was tuned on.
-        ids = encode_prompt(self.tokenizer, prompt, self.template)
-        gen = self._generate(req, ids, "messages", max_tokens)
-        return self._respond(req, gen, chat=True)
+    async def chat_completions(self, req: ChatRequest):
+        return await self._serve(req, chat=True)
 
-    def _generate(self, req: _Sampling, prompt_ids: list[int], param: str, max_tokens: int) -> Generation:
+    async def _serve(self, req: CompletionRequest | ChatRequest, chat: bool):
+        start = time.perf_counter()
         if req.model is not None and req.model != self.served_name:
-            raise APIError(404, f"model {req.model!r} is not served here; this server serves "
-                           f"{self.served_name!r}", "model", "model_not_found")
-        if max_tokens > self.max_tokens_limit:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of "
-                           f"{self.max_tokens_limit}", "max_tokens")
-        n_prompt = len(prompt_ids)
-        if n_prompt == 0:
-            raise APIError(400, "the prompt is empty", param)
-        if n_prompt > self.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {n_prompt} tokens, over this server's limit of "
-                           f"{self.max_prompt_tokens}", param)
-        stops = ([req.stop] if isinstance(req.stop, str) else req.stop or []) + self.template_stops
-        sampling = ({"do_sample": True, "temperature": req.temperature, "top_p": req.top_p, "top_k": 0}
-                    if req.temperature > 0 else {"do_sample": False})
-        ids = torch.tensor([prompt_ids])
-        criteria = StoppingCriteriaList([_StopOnText(self.tokenizer, stops, n_prompt)] if stops else [])
-        with self.lock, torch.no_grad():
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                      max_new_tokens=max_tokens, pad_token_id=self.pad_id,
-                                      stopping_criteria=criteria, **sampling)
-        new_ids = out[0, n_prompt:].tolist()
-        text, finish = self._cut(new_ids, stops)
-        return Generation(text, finish, n_prompt, len(new_ids))
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.served_name!r}",
+                           "model", "model_not_found")
+        spec = to_spec(req, self.max_tokens_limit)
+        version = await self._version()
+        headers = {VERSION_HEADER: version} if version else {}
+        route = "chat" if chat else "completions"
+        if req.stream:
+            return await self._stream(req, spec, chat, route, version, start, headers)
+        gen = await self.model.generate.remote(spec)
+        if "error" in gen:
+            raise APIError.from_dict(gen["error"])
+        latency = time.perf_counter() - start
+        # As a client sees it: everything but the time spent after the first token.
+        self._done(route, version, latency, latency - (gen["latency_s"] - gen["ttft_s"]), gen, stream=False)
+        return JSONResponse(completion_body(head(chat, self.served_name, False), gen, chat), headers=headers)
 
-    def _cut(self, new_ids: list[int], stops: list[str]) -> tuple[str, str]:
-        """The answer text up to EOS or the first stop string, and why it ended."""
-        at_eos = next((i for i, t in enumerate(new_ids) if t in self.eos_ids), None)
-        text = self.tokenizer.decode(new_ids[:at_eos], skip_special_tokens=False)
-        cut = min((text.index(s) for s in stops if s in text), default=None)
-        if cut is not None:
-            return text[:cut], "stop"
-        return text, "length" if at_eos is None else "stop"
-
-    def _respond(self, req: _Sampling, gen: Generation, chat: bool):
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                "created": int(time.time()), "model": self.served_name}
-        usage = {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                 "total_tokens": gen.prompt_tokens + gen.completion_tokens}
-        if not req.stream:
-            answer = {"message": {"role": "assistant", "content": gen.text}} if chat else {"text": gen.text}
-            choice = {"index": 0, **answer, "logprobs": None, "finish_reason": gen.finish_reason}
-            return {**head, "choices": [choice], "usage": usage}
+    async def _stream(self, req, spec: dict, chat: bool, route: str, version: str, start: float, headers: dict):
+        events = self.model.options(stream=True).stream.remote(spec)
+        first = await events.__anext__()  # a request the model refuses still gets its 4xx, not a broken stream
+        if "error" in first:
+            raise APIError.from_dict(first["error"])
+        top = head(chat, self.served_name, True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        events = self._events(head, gen, usage, chat, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream")
 
-    def _events(self, head: dict, gen: Generation, usage: dict, chat: bool,
-                include_usage: bool) -> Iterator[str]:
-        """Server-sent events in OpenAI's chunk format; the text was generated whole, then cut in pieces."""
-        if chat:
-            head = {**head, "object": "chat.completion.chunk"}
+        async def sse():
+            ttft, final = None, None
+            try:
+                if chat:
+                    yield chunk(top, chat, "", role=True)
+                async for item in events:
+                    if "text" in item:
+                        ttft = ttft if ttft is not None else time.perf_counter() - start
+                        yield chunk(top, chat, item["text"])
+                    elif "final" in item:
+                        final = item["final"]
+            except Exception as e:  # the status line is sent already: say it in the stream, then end it
+                self.count_error(500)
+                body = {"error": {"message": f"the model failed: {type(e).__name__}: {str(e)[-500:]}",
+                                  "type": "server_error", "param": None, "code": "model_error"}}
+                yield f"data: {json.dumps(body)}\n\n"
+                return
+            yield chunk(top, chat, None, final["finish_reason"])
+            if include_usage:
+                yield usage_chunk(top, final)
+            yield DONE
+            latency = time.perf_counter() - start
+            self._done(route, version, latency, ttft if ttft is not None else latency, final, stream=True)
 
-        def event(text: str | None, finish: str | None, role: bool = False) -> str:
-            if chat:
-                delta = {"role": "assistant"} if role else {}
-                if text is not None:
-                    delta["content"] = text
-                choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            return f"data: {json.dumps({**head, 'choices': [choice]})}\n\n"
-
-        if chat:
-            yield event("", None, role=True)
-        for i in range(0, len(gen.text), STREAM_CHUNK_CHARS):
-            yield event(gen.text[i:i + STREAM_CHUNK_CHARS], None)
-        yield event(None, gen.finish_reason)
-        if include_usage:
-            yield f"data: {json.dumps({**head, 'choices': [], 'usage': usage})}\n\n"
-        yield "data: [DONE]\n\n"
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
 
-def build_app(model_dir: str, served_name: str, template: str, max_tokens_limit: int = 256,
-              max_prompt_tokens: int = 1024, api_key_env: str | None = None):
-    """The bound Serve application for `serve.run`: one replica serving the model in `model_dir`."""
-    deployment = OpenAIServer
+class AppArgs(BaseModel):
+    """The arguments of `app_builder`, as `args:` of a Serve config file (serving/serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="a folder, models:/NAME/VERSION, models:/NAME@ALIAS or another MLflow URI")
+    served_name: str = "tuneline-default"
+    template: str = "alpaca"
+    tracking_uri: str | None = Field(None, description="MLflow; null: MLFLOW_TRACKING_URI of the replicas")
+    max_tokens_limit: int = Field(256, gt=0)
+    max_prompt_tokens: int = Field(1024, gt=0)
+    api_key_env: str | None = None
+    max_batch_size: int = Field(8, gt=0)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    gpus_per_replica: float = Field(0, ge=0, description="0: 1 when the cluster has a GPU, else 0")
+
+
+def replica_gpus(requested: float) -> float:
+    """serving.gpus_per_replica, where 0 means: one GPU when the cluster (else this machine) has any."""
+    if requested:
+        return requested
+    import ray
+
+    if ray.is_initialized():
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    import torch
+
+    return 1.0 if torch.cuda.is_available() else 0.0
+
+
+def _key_env(api_key_env: str | None) -> dict:
+    """Replicas see the environment of the cluster, not of this process: a cluster started before the key
+    was exported (or on another host) would serve without it. Ship the key along, when this process has it."""
     key = os.environ.get(api_key_env) if api_key_env else None
-    if key:
-        # Replicas see the environment of the cluster, not of this process: a cluster started before
-        # the key was exported (or on another host) would serve without it. Ship the key along.
-        env = {"env_vars": {api_key_env: key}}
-        deployment = deployment.options(ray_actor_options={"num_cpus": REPLICA_CPUS, "runtime_env": env})
-    return deployment.bind(str(Path(model_dir).resolve()), served_name, template, max_tokens_limit,
-                           max_prompt_tokens, api_key_env)
+    return {"runtime_env": {"env_vars": {api_key_env: key}}} if key else {}
+
+
+def model_server(model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024, *,
+                 tracking_uri: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
+                 min_replicas: int = 1, max_replicas: int = 1, target_ongoing_requests: float = 8.0,
+                 gpus_per_replica: float = 0):
+    """The bound ModelServer, with batching, autoscaling and GPU options applied."""
+    deployment = ModelServer.options(
+        ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": replica_gpus(gpus_per_replica)},
+        # Enough in flight to fill one batch while the one before generates.
+        max_ongoing_requests=max(2 * max_batch_size, int(2 * target_ongoing_requests)),
+        autoscaling_config={"min_replicas": min_replicas, "max_replicas": max(min_replicas, max_replicas),
+                            "target_ongoing_requests": target_ongoing_requests},
+    )
+    return deployment.bind(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size,
+                           batch_wait_timeout_s)
+
+
+def _router_deployment(served_name: str, max_tokens_limit: int, api_key_env: str | None, **extra):
+    config = {"served_name": served_name, "max_tokens_limit": max_tokens_limit, "api_key_env": api_key_env, **extra}
+    return Router.options(user_config=config, ray_actor_options={"num_cpus": 0, **_key_env(api_key_env)})
+
+
+def build_app(model: str, served_name: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
+              api_key_env: str | None = None, **options):
+    """One application for `serve.run`: the router in front of a ModelServer of `model` (a folder or an
+    MLflow URI). `options`: the keyword arguments of `model_server` (batching, autoscaling, GPUs)."""
+    server = model_server(model, template, max_tokens_limit, max_prompt_tokens, **options)
+    return _router_deployment(served_name, max_tokens_limit, api_key_env).bind(server)
+
+
+def build_model_app(model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
+                    **options):
+    """A model version as an application of its own (deploy it with route_prefix=None)."""
+    return model_server(model, template, max_tokens_limit, max_prompt_tokens, **options)
+
+
+def build_router_app(served_name: str, max_tokens_limit: int, api_key_env: str | None, active_app: str,
+                     version: str | None = None):
+    """The router alone, sending traffic to the ModelServer of application `active_app`."""
+    return _router_deployment(served_name, max_tokens_limit, api_key_env, active_app=active_app, version=version).bind()
+
+
+def app_builder(args: AppArgs | dict):
+    """The application builder of `serve deploy` / `serve run` (import_path: serving.app:app_builder)."""
+    a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    options = a.model_dump(exclude={"model", "served_name", "template", "max_tokens_limit", "max_prompt_tokens",
+                                    "api_key_env"})
+    return build_app(a.model, a.served_name, a.template, a.max_tokens_limit, a.max_prompt_tokens, a.api_key_env,
+                     **options)

@@ -22,6 +22,13 @@ app = typer.Typer(
 )
 serve_app = typer.Typer(help="Control the Ray Serve endpoint that `deploy` started.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
+data_app = typer.Typer(help="Version data with DVC: push it to the DVC remote (S3 or a folder), pull it back.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+prefect_app = typer.Typer(help="The embedded Prefect: a local server, a worker and the deployments of prefect.yaml.",
+                          no_args_is_help=True)
+app.add_typer(prefect_app, name="prefect")
+RemoteOpt = Annotated[str | None, typer.Option("--remote", "-r", help="DVC remote name (default: the default remote)")]
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
@@ -33,8 +40,23 @@ def _exit(code: int) -> None:
         raise typer.Exit(code)
 
 
+def run_flow(params_path: Path, overrides: list[str]) -> None:
+    """All stages as the Prefect flow `finetune` in this process: unchanged stages come from its cache."""
+    load_params(params_path, overrides)  # a bad config fails here, before Prefect starts
+    from flows.finetune import finetune
+    from flows.local import prefect_api
+
+    start = time.perf_counter()
+    with prefect_api() as api:  # PREFECT_API_URL, else this project's `tuneline prefect up` server, else ephemeral
+        s = finetune(params_path=str(params_path), sets=list(overrides))
+    typer.echo(f"pipeline done in {time.perf_counter() - start:.0f}s (Prefect: {api}); "
+               f"ran: {', '.join(s['ran']) or 'none'}; cached: {', '.join(s['cached']) or 'none'}; "
+               f"MLflow run {s['mlflow_run_id'] or 'none (every stage cached)'}; gate: {s['decision']}; "
+               f"model version: {s['model_version'] or 'none'}")
+
+
 def run_pipeline(params_path: Path, overrides: list[str]) -> None:
-    """All stages in order in this process, logging into one MLflow run."""
+    """All stages in order in this process, without Prefect, logging into one MLflow run."""
     from tasks import tracking
 
     params = load_params(params_path, overrides)
@@ -53,10 +75,12 @@ def run_pipeline(params_path: Path, overrides: list[str]) -> None:
 
 
 @app.command()
-def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
+def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None,
+        prefect: Annotated[bool, typer.Option("--prefect/--no-prefect", help="run as the Prefect flow `finetune` "
+                                              "(stage cache, retries, run report), or plainly")] = True) -> None:
     """Run every stage in order: bootstrap, validate, tokenize, train, evaluate, gate, merge, deploy."""
     quiet_libraries()
-    _exit(guarded(lambda: run_pipeline(params, set_ or [])))
+    _exit(guarded(lambda: (run_flow if prefect else run_pipeline)(params, set_ or [])))
 
 
 @app.command()
@@ -65,6 +89,18 @@ def stage(name: Annotated[str, typer.Argument(help="one of: " + ", ".join(ALL_ST
     """Run one stage (its inputs must exist: earlier stages ran before)."""
     quiet_libraries()
     _exit(guarded(lambda: run_stage(name, load_params(params, set_ or []))))
+
+
+@app.command()
+def estimate(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
+    """Expected GPU-hours and cost of training, from the token count and a known speed (see params `cost`)."""
+    from tasks.estimate import estimate as compute
+
+    def show() -> None:
+        for key, value in compute(load_params(params, set_ or [])).items():
+            typer.echo(f"{key}: {value}")
+
+    _exit(guarded(show))
 
 
 @app.command()
@@ -93,14 +129,29 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
 
 @serve_app.command("status")
 def serve_status(params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Is the endpoint up, and which model version does it serve?"""
+    """Is the endpoint up, which model version serves, and its metrics (requests, latency, TTFT, tokens/s, batches)?"""
     from tasks import serve_control
 
-    def show() -> None:
-        for key, value in serve_control.status(load_params(params)).items():
+    def show(tree: dict, prefix: str = "") -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict) and value:
+                show(value, f"{prefix}{key}.")
+            else:
+                typer.echo(f"{prefix}{key}: {value}")
+
+    _exit(guarded(lambda: show(serve_control.status(load_params(params)))))
+
+
+@serve_app.command("rollback")
+def serve_rollback(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Serve the previous champion again, without downtime, and move the `champion` alias back to it."""
+    from tasks import serve_control
+
+    def back() -> None:
+        for key, value in serve_control.rollback(load_params(params)).items():
             typer.echo(f"{key}: {value}")
 
-    _exit(guarded(show))
+    _exit(guarded(back))
 
 
 @serve_app.command("stop")
@@ -109,6 +160,84 @@ def serve_stop(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     from tasks import serve_control
 
     _exit(guarded(lambda: serve_control.stop(load_params(params))))
+
+
+@data_app.command("push")
+def data_push(path: Annotated[Path | None, typer.Argument(help="file or folder to track first (dvc add)")] = None,
+              remote: RemoteOpt = None) -> None:
+    """Track PATH with DVC (when given), push its data (else all tracked data) to the remote; print its hash."""
+    from tasks import data_remote
+
+    def push() -> None:
+        digest = data_remote.push(path, remote=remote)
+        typer.echo(f"pushed {path or 'all tracked data'}: {digest}")
+        from flows.events import DATA_UPDATED, emit_data_updated
+
+        sent_to = emit_data_updated(str(path or "."), digest)
+        typer.echo(f"event {DATA_UPDATED} sent to {sent_to}" if sent_to else
+                   f"event {DATA_UPDATED} not sent: no Prefect server (PREFECT_API_URL, `tuneline prefect up`)")
+        if path is not None:
+            typer.echo(f"commit it: git add {path}.dvc && git commit")
+
+    _exit(guarded(push))
+
+
+@data_app.command("pull")
+def data_pull(remote: RemoteOpt = None) -> None:
+    """Fetch the data of every DVC-tracked output from the remote into the workspace (dvc pull)."""
+    from tasks import data_remote
+
+    _exit(guarded(lambda: typer.echo(data_remote.pull(remote=remote) or "pulled")))
+
+
+@prefect_app.command("up")
+def prefect_up(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Start a local Prefect server and a process worker here, and register the deployments of prefect.yaml."""
+    from flows import local
+
+    def start() -> None:
+        for key, value in local.up(load_params(params)).items():
+            typer.echo(f"{key}: {value}")
+        typer.echo("stop with: tuneline prefect down")
+
+    _exit(guarded(start))
+
+
+@prefect_app.command("down")
+def prefect_down() -> None:
+    """Stop the worker and the server that `tuneline prefect up` started in this folder."""
+    from flows import local
+
+    _exit(guarded(lambda: typer.echo(", ".join(f"{k}: {'stopped' if v else 'not running'}"
+                                               for k, v in local.down().items()))))
+
+
+@prefect_app.command("deploy")
+def prefect_deploy(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Register (or update) the deployments of prefect.yaml on PREFECT_API_URL, values from params.yaml."""
+    from flows import local
+
+    def deploy() -> None:
+        from prefect.settings import PREFECT_API_URL
+
+        cfg = load_params(params)
+        url = PREFECT_API_URL.value() or local.local_api_url() or local.server_url(cfg)
+        local.deploy(cfg, url, Path.cwd())
+        typer.echo(f"registered {', '.join(local.DEPLOYMENTS)} on {url}")
+
+    _exit(guarded(deploy))
+
+
+@prefect_app.command("status")
+def prefect_status(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Is the local Prefect server up, and its worker running?"""
+    from flows import local
+
+    def show() -> None:
+        for key, value in local.status(load_params(params)).items():
+            typer.echo(f"{key}: {value}")
+
+    _exit(guarded(show))
 
 
 if __name__ == "__main__":

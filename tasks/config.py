@@ -7,10 +7,10 @@ any work starts, with the dotted key and the rule that was broken.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import TunelineError
 
@@ -19,6 +19,14 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 class ConfigError(TunelineError):
     """A params problem a person can fix: it names the file, the key and the rule."""
+
+
+def _path_or_uri(value: Any) -> Any:
+    """A URI (`s3://bucket/key`) stays a string: Path would fold its '//'. Anything else is a Path."""
+    return Path(value) if isinstance(value, str) and "://" not in value else value
+
+
+PathOrURI = Annotated[Path | str, BeforeValidator(_path_or_uri)]
 
 
 class _Section(BaseModel):
@@ -55,11 +63,13 @@ class ModelSpec(_Section):
     revision: str | None = None
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto", description="auto: flex_attention for packed batches on a GPU (skips the masked blocks), else sdpa")
 
 
 class Data(_Section):
-    train_path: Path = Path("data/raw/train.jsonl")
-    eval_path: Path | None = Path("data/raw/eval.jsonl")
+    train_path: PathOrURI = Path("data/raw/train.jsonl")  # or s3://bucket/key (tasks/remote.py)
+    eval_path: PathOrURI | None = Path("data/raw/eval.jsonl")
     format: Literal["instruction", "chat", "completion"] = "instruction"
     template: Literal["alpaca", "chatml", "tokenizer"] = "alpaca"
     max_seq_length: int = Field(160, gt=8)
@@ -102,6 +112,37 @@ class Train(_Section):
     save_steps: int = Field(200, gt=0)
     eval_steps: int = Field(0, ge=0, description="0 disables in-training eval loss")
     save_total_limit: int = Field(2, gt=0)
+    resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint")
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on when a GPU trains")
+    bf16: bool | Literal["auto"] = Field("auto", description="auto: on when the GPU supports it")
+    loss_spike_factor: float = Field(3.0, gt=1, description="warn when a logged loss exceeds its running mean by this")
+    packing: bool | Literal["auto"] = Field("auto", description="padding-free batches; auto: on when a GPU trains")
+    chunked_loss: bool | Literal["auto"] = Field("auto", description="no vocabulary-wide fp32 logits; auto: GPU")
+    loss_chunk_tokens: int = Field(4096, gt=0, description="tokens scored at once by the chunked loss")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto: on a GPU")
+
+
+class DeepSpeed(_Section):
+    stage: Literal[2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class Distributed(_Section):
+    """How many processes train, launched through torchrun when more than one."""
+
+    strategy: Literal["none", "ddp", "fsdp", "deepspeed"] = "none"
+    nproc_per_node: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="auto: one per visible GPU, else 1")
+    nnodes: int = Field(1, gt=0)
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str | None = Field(None, description="host:port of the rendezvous, for nnodes > 1")
+    deepspeed: DeepSpeed = DeepSpeed()
+
+
+class Cost(_Section):
+    gpu_hour_usd: float = Field(2.5, ge=0, description="price of one GPU for one hour")
+    tokens_per_s_per_gpu: float | None = Field(None, gt=0, description="null: the last measured train speed")
 
 
 class Evaluate(_Section):
@@ -127,7 +168,9 @@ class Gate(_Section):
 
 class Registry(_Section):
     tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_location: Path = Path("mlartifacts")
+    artifact_location: PathOrURI | None = Field(Path("mlartifacts"), description=(
+        "a folder, or a URI (s3://bucket/prefix: the client writes there directly); with an http(s) "
+        "tracking server a folder is not used: the server stores artifacts; null: the store's default"))
     experiment: str = "tuneline"
     model_name: str = Field("tuneline-default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -147,6 +190,34 @@ class Serving(_Section):
     max_prompt_tokens: int = Field(1024, gt=0)
     api_key_env: str | None = Field(None, description="name of the env var holding the API key")
     health_timeout_s: float = Field(180, gt=0)
+    max_batch_size: int = Field(8, gt=0, description="requests generated together by one replica (@serve.batch)")
+    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill up")
+    min_replicas: int = Field(1, ge=1, description="model replicas, autoscaled between min and max")
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
+    gpus_per_replica: float = Field(0, ge=0, description="0: auto, 1 if the cluster has a GPU, else 0")
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> Serving:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})")
+        return self
+
+
+class Orchestration(_Section):
+    """Prefect: the `finetune` flow's stage cache and retries, its deployments, `tuneline prefect up`."""
+
+    work_pool: str = Field("tuneline", min_length=1, description="Prefect process work pool of the deployments")
+    retrain_cron: str = Field("0 3 * * 1", pattern=r"^\s*\S+(\s+\S+){4}\s*$",
+                              description="cron of finetune/scheduled-retrain (five fields)")
+    timezone: str = Field("UTC", description="time zone of retrain_cron")
+    results_dir: Path = Field(Path(".prefect-results"), description="persisted task results: the flow's stage cache")
+    retries: int = Field(3, ge=0, description="retries of a stage that failed on a transient error")
+    retry_delay_s: float = Field(10.0, ge=0, description="first retry delay; doubles with each further retry")
+    server_host: str = "127.0.0.1"
+    server_port: int = Field(4200, gt=0, lt=65536)
+    mlflow_ui_url: str | None = Field(None, description="base of MLflow links in run reports; null: the "
+                                                        "tracking URI if http(s), else mlflow ui's address")
 
 
 class Params(_Section):
@@ -157,11 +228,14 @@ class Params(_Section):
     validate_: Validate = Field(Validate(), alias="validate")
     lora: Lora = Lora()
     train: Train = Train()
+    distributed: Distributed = Distributed()
+    cost: Cost = Cost()
     evaluate: Evaluate = Evaluate()
     gate: Gate = Gate()
     registry: Registry = Registry()
     merge: Merge = Merge()
     serving: Serving = Serving()
+    orchestration: Orchestration = Orchestration()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

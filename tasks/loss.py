@@ -16,7 +16,7 @@ IGNORE = -100
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = hidden @ weight.t()
+    logits = hidden.to(weight.dtype) @ weight.t()  # the recompute in backward runs outside autocast
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are scored in fp32
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 

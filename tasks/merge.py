@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tasks import registry, tracking
+from tasks import registry, remote, tracking
 from tasks.atomic import atomic_dir, read_json, write_json
 from tasks.config import Params
 from tasks.errors import TunelineError
@@ -66,7 +66,7 @@ def run(params: Params) -> dict:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
-    data_files = [p for p in (params.data.train_path, params.data.eval_path) if p is not None]
+    data_files = [remote.local_path(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
     tags = {"tuneline.git_commit": tracking.git_commit(),
             "tuneline.dvc_data_hash": tracking.file_md5(*data_files),
             "tuneline.params_hash": tracking.params_hash(params)}

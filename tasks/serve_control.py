@@ -19,7 +19,8 @@ from tasks.errors import TunelineError
 
 log = logging.getLogger("tuneline")
 
-# One replica needs one CPU; the second lets a new version start beside the old during a rolling update.
+# A model replica needs one CPU; the second lets a new version start beside the old during a promotion
+# (tasks/promotion.py). The router reserves none.
 LOCAL_CLUSTER_CPUS = 2
 
 
@@ -48,8 +49,9 @@ def _ray_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def connect(params: Params, *, start: bool = True) -> bool:
-    """Connect this process to the serving cluster: the configured address, else the local cluster,
-    started here when none runs and `start` is set. False when there is none to connect to."""
+    """Connect this process to the serving cluster: serving.ray_address, else the Ray that runs on this
+    machine (Ray's "auto": the one `ray start` recorded, else any it finds), else one started here when
+    `start` is set. False when there is none to connect to."""
     import ray
 
     if ray.is_initialized():
@@ -73,52 +75,102 @@ def connect(params: Params, *, start: bool = True) -> bool:
     return True
 
 
-def _report(params: Params) -> dict:
-    """What deploy last put in place: deploy.json, or the deployment a skipped deploy left running."""
+def current_report(params: Params) -> dict:
+    """What serves, as deploy recorded it: deploy.json, or what a skipped or rolled-back deploy left serving."""
     path = params.report("deploy.json")
     if not path.exists():
         return {}
     report = read_json(path)
-    return report.get("current", {}) if report.get("skipped") else report
+    return report.get("current", {}) if report.get("skipped") or report.get("rolled_back") else report
 
 
 def status(params: Params) -> dict:
-    """Whether the app answers at its endpoint, and which model and version deploy put there."""
+    """Whether the app answers at its endpoint, which version deploy put there and which one answers,
+    and the serving metrics (GET /v1/metrics: requests, latency, time to first token, tokens/s, batches)."""
     import httpx
 
-    report = _report(params)
+    report = current_report(params)
     url = report.get("endpoint") or endpoint(params)
     served = report.get("served_model")
+    metrics: dict = {}
     try:
         r = httpx.get(f"{url}/models", headers=auth_headers(params), timeout=5)
         # 401: the app is up but this shell lacks its key.
-        running = r.status_code == 401 or (
-            r.status_code == 200 and any(m.get("id") == served or served is None for m in r.json()["data"]))
+        ids = [m.get("id") for m in r.json()["data"]] if r.status_code == 200 else []
+        running = r.status_code == 401 or (r.status_code == 200 and (served is None or served in ids))
+        if r.status_code == 200:
+            m = httpx.get(f"{url}/metrics", headers=auth_headers(params), timeout=10)
+            metrics = m.json() if m.status_code == 200 else {}
     except (httpx.HTTPError, ValueError, KeyError):
         running = False
-    return {"running": running, "endpoint": url, "app_name": params.serving.app_name, "served_model": served,
-            "model_name": report.get("model_name"), "version": report.get("version"),
-            "model_uri": report.get("model_uri")}
+    out = {"running": running, "endpoint": url, "app_name": params.serving.app_name, "served_model": served,
+           "model_name": report.get("model_name"), "version": report.get("version"),
+           "model_uri": report.get("model_uri"), "previous_version": report.get("previous_version"),
+           "serving_version": metrics.get("version")}
+    if metrics:
+        keep = ("requests", "requests_by_status", "streams", "completion_tokens", "latency_s", "ttft_s",
+                "tokens_per_s", "batches", "batch_size", "since")
+        out["metrics"] = {k: metrics[k] for k in keep if k in metrics}
+    return out
+
+
+def rollback(params: Params) -> dict:
+    """Put the previous champion back, the same zero-downtime way deploy promotes (tasks/promotion.py):
+    it starts beside the current version, loaded from the registry, is health-checked, takes the traffic,
+    and the `champion` alias moves back to it. If it fails, the current version keeps serving."""
+    from tasks import promotion, registry
+    from tasks.atomic import write_json
+
+    report = current_report(params)
+    current, previous = report.get("version"), report.get("previous_version")
+    if not report or not previous:
+        raise TunelineError(f"{params.report('deploy.json')}: no previous champion recorded (deploy has promoted "
+                            "at most one version here): nothing to roll back to")
+    name = report.get("model_name") or params.registry.model_name
+    uri = f"models:/{name}/{previous}"
+    try:
+        outcome = promotion.promote(params, report.get("served_model") or name, str(previous), uri)
+    except promotion.PromotionFailed as e:
+        still = f"version {e.serving_version} keeps serving" if e.serving_version else "nothing serves now"
+        raise TunelineError(f"rollback to version {previous} failed: {e.reason}\n{still}; the champion alias "
+                            "is unchanged") from None
+    new = {**report, "endpoint": endpoint(params), "version": str(previous), "model_uri": uri,
+           "app": outcome["app"], "previous_version": current, "rolled_back_from": current}
+    write_json(params.report("deploy.json"), new)
+    registry.client(params).set_registered_model_alias(name, registry.CHAMPION, str(previous))
+    log.info(f"rolled back: version {previous} serves again (was {current}); alias champion -> {previous}")
+    return {"version": str(previous), "rolled_back_from": current, "endpoint": new["endpoint"]}
 
 
 def stop(params: Params) -> dict:
-    """Stop serving. On a local cluster: shut Serve down and stop the cluster. On a cluster named by
-    serving.ray_address, which is not ours to stop: delete only this app. Nothing running is fine."""
+    """Stop serving. On a local cluster: shut Serve down and `ray stop`, which ends every Ray process of
+    this user on this machine. On a cluster named by serving.ray_address, which is not ours to stop:
+    delete only this app (the router and its model versions). Nothing running is fine."""
     import ray
     from ray import serve
 
+    app = params.serving.app_name
     try:
-        if not connect(params, start=False):
-            return {"stopped": False, "reason": "no Ray cluster is running"}
+        running = connect(params, start=False)
     except TunelineError as e:
-        return {"stopped": False, "reason": str(e)}
+        running, reason = False, str(e)
+    else:
+        reason = "no Ray cluster is running"
+    if not running:
+        log.info(f"nothing to stop: {reason}")
+        return {"stopped": False, "reason": reason}
     if params.serving.ray_address:
-        if params.serving.app_name in serve.status().applications:
-            serve.delete(params.serving.app_name)
-        return {"stopped": True, "app": params.serving.app_name, "ray_stopped": False}
+        apps = serve.status().applications
+        for name in [app] + [n for n in apps if n.startswith(f"{app}-v")]:
+            if name in apps:
+                serve.delete(name)
+        log.info(f"deleted app {app!r} and its model versions; the Ray cluster at {params.serving.ray_address} "
+                 "keeps running")
+        return {"stopped": True, "app": app, "ray_stopped": False}
     serve.shutdown()
     ray.shutdown()
     proc = _ray_cli("stop")
     if proc.returncode != 0:
         raise TunelineError(f"`ray stop` failed:\n{proc.stdout[-2000:]}")
-    return {"stopped": True, "app": params.serving.app_name, "ray_stopped": True}
+    log.info("stopped Ray Serve and the local Ray cluster")
+    return {"stopped": True, "app": app, "ray_stopped": True}

@@ -44,7 +44,7 @@ def summarize(name: str, result: dict, seconds: float) -> str:
 def run_stage(name: str, params: Params) -> dict:
     if name not in ALL_STAGES:
         raise TunelineError(f"unknown stage {name!r}; stages are: {', '.join(ALL_STAGES)}")
-    if Path(params.model.base).exists():
+    if Path(params.model.base).exists() or params.model.base.startswith("s3://"):
         # A local base model needs no hub; without this, MLflow and transformers still ask it
         # (model cards, metadata) and wait for the network to time out.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -30,13 +30,26 @@ def setup(params: Params):
     mlflow.set_tracking_uri(params.registry.tracking_uri)
     exp = mlflow.get_experiment_by_name(params.registry.experiment)
     if exp is None:
-        location = str(params.registry.artifact_location)
-        if "://" not in location:
-            location = Path(location).resolve().as_uri()
-        exp_id = mlflow.create_experiment(params.registry.experiment, artifact_location=location)
+        exp_id = mlflow.create_experiment(params.registry.experiment, artifact_location=artifact_location(params))
     else:
         exp_id = exp.experiment_id
     return exp_id
+
+
+def artifact_location(params: Params) -> str | None:
+    """Where a new experiment keeps its artifacts.
+
+    A URI as given (`s3://bucket/prefix`: this client writes there directly, with its own AWS
+    credentials); a folder as a file URI, except with an http(s) tracking server, which stores
+    artifacts itself (`--serve-artifacts`, to its `--artifacts-destination`): a folder of this
+    client means nothing there. None: the server's default.
+    """
+    location = params.registry.artifact_location
+    if location is None or "://" in str(location):
+        return None if location is None else str(location)
+    if params.registry.tracking_uri.startswith(("http://", "https://")):
+        return None
+    return Path(location).resolve().as_uri()
 
 
 def current_run_id(params: Params) -> str | None:
@@ -112,12 +125,12 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def open_pipeline_run(params: Params, run_name: str) -> str:
+def open_pipeline_run(params: Params, run_name: str, tags: dict[str, str] | None = None) -> str:
     """Create the run a whole `tuneline run` logs into; stages find it through RUN_ID_ENV."""
     from mlflow import MlflowClient
 
     exp_id = setup(params)
-    run = MlflowClient().create_run(exp_id, run_name=run_name, tags={"tuneline.entry": "tuneline run"})
+    run = MlflowClient().create_run(exp_id, run_name=run_name, tags={"tuneline.entry": "tuneline run", **(tags or {})})
     return run.info.run_id
 
 

@@ -49,6 +49,13 @@ def _auto(value, default: bool) -> bool:
     return default if value == "auto" else bool(value)
 
 
+def attention(params: Params) -> str | None:
+    """The attention kernel: packed rows need one that skips the blocks between examples."""
+    if params.model.attn_implementation != "auto":
+        return params.model.attn_implementation
+    return "flex_attention" if _on_gpu() and _auto(params.train.packing, True) else None
+
+
 def _training_args(params: Params, has_eval: bool):
     import torch
     from transformers import TrainingArguments
@@ -156,7 +163,7 @@ def train(params: Params) -> dict:
     tokenizer = load_tokenizer(params)
     has_eval = params.train.eval_steps > 0
     args = _training_args(params, has_eval)  # also joins the process group under torchrun
-    model = with_adapter(load_model(params), params)
+    model = with_adapter(load_model(params, attn_implementation=attention(params)), params)
     with args.main_process_first(desc="checkpoint lookup"):
         resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir,
                                                   resume_key(params, data["train"]._fingerprint),

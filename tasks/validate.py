@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tasks import tracking
+from tasks import remote, tracking
 from tasks.atomic import atomic_dir, write_json
 from tasks.config import Params, Validate
 from tasks.errors import DataError
@@ -335,6 +335,9 @@ def _print_summary(report: dict) -> None:
 def run(params: Params) -> dict:
     """Validate train and eval (a seeded hold-out of train if data.eval_path is null); write both + report."""
     d, cfg = params.data, params.validate_
+    # s3:// paths are read from their local copies (tasks/remote.py); local paths stay as they are
+    d = d.model_copy(update={"train_path": remote.local_path(d.train_path),
+                             "eval_path": remote.local_path(d.eval_path)})
     train = check_file(d.train_path, d.format, cfg)
     evals = check_file(d.eval_path, d.format, cfg) if d.eval_path is not None else None
     suite = _Suite(d.format, cfg)

@@ -1,29 +1,41 @@
-"""Serving: the OpenAI-compatible Ray Serve app, the deploy stage and serve control, on a tiny model.
+"""Serving: the OpenAI-compatible Ray Serve app, batching, metrics, the deploy stage's zero-downtime
+promotion and rollback, and serve control, on tiny models.
 
-One local Ray cluster for the module, two apps on it: `/main` (no key) for the
-API tests, and `/`, put there by the real deploy stage with an API key.
+One local Ray cluster for the module, two applications on it: `/main` (no key; built by the
+application builder of serving/serve_config.yaml) for the API tests, and `/`, put there by the
+real deploy stage with an API key, which then promotes v2 under load, rolls a broken v3 back,
+and `tuneline serve rollback` returns to v1. The deploy tests run in file order.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
-import mlflow
 import openai
 import pytest
 import ray
+import yaml
 from ray import serve
 from serving_helpers import free_port, save_tiny_model
 
-from serving.app import build_app
-from tasks import deploy, serve_control
+from serving.api import VERSION_HEADER
+from serving.app import AppArgs, app_builder
+from serving.engine import Engine, resolve_model
+from tasks import deploy, serve_control, tracking
 from tasks.atomic import read_json, write_json
 from tasks.config import Params
 from tasks.errors import TunelineError
 from tasks.formats import render_prompt
 from tasks.models import encode_prompt
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # MLflow's transformers flavor asks the hub about local models
 
 SERVED = "tiny"
 TEMPLATE = "chatml"
@@ -33,6 +45,7 @@ KEY_ENV = "TUNELINE_TEST_SERVING_KEY"
 KEY = "test-secret"
 PROMPT = "Which word is a fruit? apple piano"
 FINISH_REASONS = {"stop", "length"}
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +62,9 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def port():
-    # Two apps of one replica each, one CPU apiece.
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A cluster of its own, even beside a deployed one on this machine. Four logical CPUs on two cores:
+    # the main app's model, and during a promotion two versions side by side (routers take none).
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield port
@@ -60,8 +74,14 @@ def port():
 
 @pytest.fixture(scope="module")
 def base_url(port, model_dir):
-    serve.run(build_app(str(model_dir), SERVED, TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS),
-              name="test-main", route_prefix="/main")
+    # The application builder and the args of serving/serve_config.yaml, on the tiny model.
+    config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
+    (app_cfg,) = config["applications"]
+    assert app_cfg["import_path"] == "serving.app:app_builder"
+    args = AppArgs.model_validate({**app_cfg["args"], "model": str(model_dir), "tracking_uri": None,
+                                   "served_name": SERVED, "template": TEMPLATE, "max_tokens_limit": MAX_TOKENS,
+                                   "max_prompt_tokens": MAX_PROMPT_TOKENS, "max_replicas": 1})
+    serve.run(app_builder(args), name="test-main", route_prefix="/main")
     return f"http://127.0.0.1:{port}/main/v1"
 
 
@@ -174,46 +194,123 @@ def test_bad_requests_get_openai_errors(base_url, path, body, status, param):
     assert error["param"] == param
 
 
+def test_a_refused_stream_gets_a_4xx_not_a_broken_stream(base_url):
+    body = {"prompt": "apple " * (MAX_PROMPT_TOKENS + 1), "stream": True}
+    r = httpx.post(f"{base_url}/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_concurrent_requests_all_succeed_and_share_batches(client, base_url):
+    def ask(i: int):
+        return client.completions.create(model=SERVED, prompt=f"{PROMPT} {i}", max_tokens=4 + i % 5,
+                                         temperature=0 if i % 2 else 0.8, seed=i)
+
+    before = httpx.get(f"{base_url}/metrics", timeout=30).json()
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, range(32)))
+    assert all(1 <= a.usage.completion_tokens <= 4 + i % 5 for i, a in enumerate(answers))  # per-request max_tokens
+    after = httpx.get(f"{base_url}/metrics", timeout=30).json()
+    assert after["requests_by_status"]["2xx"] - before["requests_by_status"].get("2xx", 0) == 32
+    assert after["batch_size"]["max"] > 1, after["batch_size"]  # requests rode together in a batch
+    assert after["model"]["max_batch_size"] == 8 and after["model"]["device"] == "cpu"
+    assert after["ttft_s"]["p50"] is not None and after["tokens_per_s"] > 0
+
+
+def test_batched_generation_matches_generation_one_at_a_time(model_dir):
+    # In-process, no Ray: left padding, per-row max_tokens, stops and seeds change nothing about a row.
+    engine = Engine(str(model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1)
+    specs = [{"kind": "completion", "prompt": p, "max_tokens": m, "temperature": t, "top_p": tp, "seed": seed,
+              "stop": stop}
+             for p, m, t, tp, seed, stop in [(PROMPT, 12, 0.0, 1.0, None, []), ("hi", 5, 1.0, 1.0, 3, []),
+                                            ("List every animal: tiger apple otter", 20, 1.0, 0.9, 7, ["e"]),
+                                            ("Count", 9, 0.0, 1.0, None, [])]]
+    batch = engine.generate([engine.prepare(s) for s in specs])
+    alone = [engine.generate([engine.prepare(s)])[0] for s in specs]
+    assert [r["batch_size"] for r in batch] == [4] * 4
+    for b, a, spec in zip(batch, alone, specs, strict=True):
+        assert (b["text"], b["finish_reason"], b["completion_tokens"]) == \
+            (a["text"], a["finish_reason"], a["completion_tokens"])
+        assert b["completion_tokens"] <= spec["max_tokens"]
+    pieces: list[str] = []
+    streamed = engine.stream(engine.prepare(specs[2]), pieces.append)
+    assert "".join(pieces) == streamed["text"] == alone[2]["text"] and "e" not in streamed["text"]
+
+
 # The deploy stage, for real: on the module's cluster (it joins the connection this process holds).
+# v1 and v2 are registered as merge registers them (MLflow's transformers flavor); v3 is a folder
+# whose weights are corrupt. Every replica loads its version from the registry by URI.
 
 @pytest.fixture(scope="module")
-def deployed(port, model_dir, tmp_path_factory):
+def pipeline(port, model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks import registry
+
     root = tmp_path_factory.mktemp("pipeline")
     params = Params(
         reports_dir=root / "reports",
         data={"template": TEMPLATE},
         registry={"tracking_uri": f"sqlite:///{root}/mlflow.db", "artifact_location": root / "mlartifacts",
                   "model_name": "tiny-model"},
-        serving={"port": port, "app_name": "test-deploy", "api_key_env": KEY_ENV, "health_timeout_s": 90},
+        serving={"port": port, "app_name": "test-deploy", "api_key_env": KEY_ENV, "health_timeout_s": 90,
+                 "max_tokens_limit": MAX_TOKENS},
     )
-    exp_id = deploy.tracking.setup(params)
-    with mlflow.start_run(experiment_id=exp_id) as run:
-        pass
-    registry = mlflow.MlflowClient()
-    registry.create_registered_model("tiny-model")
-    created = registry.create_model_version("tiny-model", source=str(model_dir), run_id=run.info.run_id)
-    version = str(created.version)
+    dirs = {"1": model_dir, "2": save_tiny_model(root / "v2", seed=1)}
+    broken = save_tiny_model(root / "v3", seed=2)
+    (broken / "model.safetensors").write_bytes(b"\x00not safetensors" * 64)
+    with tracking.pipeline_run(params, new=True) as run:
+        for version, path in dirs.items():
+            model, tok = AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+            assert registry.register(params, model, tok, {"source": "test"}) == version
+    created = registry.client(params).create_model_version("tiny-model", source=str(broken), run_id=run.info.run_id)
+    dirs[str(created.version)] = broken
     write_json(params.report("train.json"), {"mlflow_run_id": run.info.run_id})
     write_json(params.report("gate.json"), {"decision": "promote", "reasons": ["all checks passed"]})
-    merge = {"model_name": "tiny-model", "version": version, "model_dir": str(model_dir),
-             "model_uri": f"models:/tiny-model/{version}"}
-    write_json(params.report("merge.json"), merge)
-    with pytest.MonkeyPatch.context() as mp:
+    return params, dirs, run.info.run_id
+
+
+def _merged(params: Params, dirs: dict, version: str) -> None:
+    write_json(params.report("merge.json"), {"model_name": "tiny-model", "version": version,
+                                             "model_dir": str(dirs[version]),
+                                             "model_uri": f"models:/tiny-model/{version}"})
+
+
+def _champion(params: Params) -> str:
+    from tasks import registry
+
+    return registry.alias_version(params, "champion")
+
+
+def _answered_by(port: int) -> str:
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json={"prompt": PROMPT, "max_tokens": 2},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.headers[VERSION_HEADER]
+
+
+@pytest.fixture(scope="module")
+def deployed(pipeline):
+    params, dirs, run_id = pipeline
+    _merged(params, dirs, "1")
+    with pytest.MonkeyPatch.context() as mp:  # the key stays exported while the deploy tests run
         mp.setenv(KEY_ENV, KEY)
         result = deploy.run(params)
-        yield params, result, version, run.info.run_id
+        yield params, result, "1", run_id
 
 
 def test_deploy_serves_the_version_and_makes_it_champion(deployed, port):
+    import mlflow
+
     params, result, version, run_id = deployed
     endpoint = f"http://127.0.0.1:{port}/v1"
     assert result["version"] == version and result["endpoint"] == endpoint
     assert read_json(params.report("deploy.json")) == {
         "endpoint": endpoint, "model_name": "tiny-model", "version": version, "served_model": "tiny-model",
-        "model_uri": f"models:/tiny-model/{version}"}
-    registry = mlflow.MlflowClient()
-    assert str(registry.get_model_version_by_alias("tiny-model", "champion").version) == version
-    assert registry.get_run(run_id).data.tags["deploy.version"] == version
+        "model_uri": f"models:/tiny-model/{version}", "app": "test-deploy-v1", "previous_version": None}
+    assert _champion(params) == version
+    assert mlflow.MlflowClient().get_run(run_id).data.tags["deploy.version"] == version
+    assert _answered_by(port) == version
+    assert {"test-deploy", "test-deploy-v1"} <= set(serve.status().applications)
 
 
 def test_deployed_app_requires_its_api_key(deployed, port):
@@ -227,13 +324,107 @@ def test_deployed_app_requires_its_api_key(deployed, port):
     assert resp.usage.completion_tokens >= 1
 
 
-def test_status_reports_the_deployed_version(deployed):
-    params, _, version, _ = deployed
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(KEY_ENV, KEY)
-        st = serve_control.status(params)
+def test_registry_alias_uri_resolves_to_the_champion_folder(deployed):
+    params = deployed[0]
+    folder, source = resolve_model("models:/tiny-model@champion", params.registry.tracking_uri)
+    assert source == {"model_uri": "models:/tiny-model@champion", "name": "tiny-model", "version": "1"}
+    assert (folder / "config.json").exists() and (folder / "tokenizer.json").exists()
+    assert resolve_model("models:/tiny-model/1", params.registry.tracking_uri)[0] == folder  # cached once
+
+
+def test_promotion_under_load_drops_no_request(deployed, pipeline, port):
+    params, dirs, _ = pipeline
+    url = f"http://127.0.0.1:{port}/v1"
+    stop, results = threading.Event(), []
+
+    def keep_asking(stream: bool) -> None:
+        c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0, timeout=60)
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                raw = c.completions.with_raw_response.create(model="tiny-model", prompt=PROMPT, max_tokens=4,
+                                                             temperature=0, stream=stream)
+                answer = raw.parse()
+                text = "".join(ch.choices[0].text for ch in answer) if stream else answer.choices[0].text
+                results.append((sent, raw.headers.get(VERSION_HEADER), isinstance(text, str)))
+            except Exception as e:  # noqa: BLE001 - any failure at all is what this test looks for
+                results.append((sent, None, repr(e)))
+            time.sleep(0.1)
+
+    clients = [threading.Thread(target=keep_asking, args=(stream,)) for stream in (False, False, True)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(1.0)
+        _merged(params, dirs, "2")
+        result = deploy.run(params)
+        switched = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join()
+    failures = [r for r in results if r[2] is not True]
+    assert not failures, failures[:5]
+    assert result["version"] == "2" and result["previous_version"] == "1"
+    assert Counter(v for _, v, _ in results).keys() == {"1", "2"}, Counter(v for _, v, _ in results)
+    assert {v for sent, v, _ in results if sent > switched} == {"2"}
+    assert _champion(params) == "2"
+    report = read_json(params.report("deploy.json"))
+    assert (report["version"], report["previous_version"], report["app"]) == ("2", "1", "test-deploy-v2")
+    apps = set(serve.status().applications)
+    assert "test-deploy-v2" in apps and "test-deploy-v1" not in apps  # the old version is retired
+
+
+def test_status_reports_the_served_version_and_metrics(deployed):
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+
+    params = deployed[0]
+    st = serve_control.status(params)
     assert st["running"] is True
-    assert (st["version"], st["served_model"], st["model_name"]) == (version, "tiny-model", "tiny-model")
+    assert (st["version"], st["serving_version"], st["served_model"], st["model_name"]) == \
+        ("2", "2", "tiny-model", "tiny-model")
+    metrics = st["metrics"]
+    assert metrics["requests"] >= 1 and metrics["completion_tokens"] >= 1
+    assert metrics["latency_s"]["p50"] > 0 and metrics["ttft_s"]["p50"] > 0 and metrics["tokens_per_s"] > 0
+    assert metrics["batch_size"]["max"] >= 1
+    params_file = params.reports_dir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    out = CliRunner().invoke(app, ["serve", "status", "--params", str(params_file)])
+    assert out.exit_code == 0, out.output
+    assert "serving_version: 2" in out.output and "metrics.ttft_s.p50:" in out.output
+
+
+def test_a_broken_candidate_is_rolled_back_and_the_champion_keeps_serving(deployed, pipeline, port):
+    params, dirs, _ = pipeline
+    _merged(params, dirs, "3")
+    with pytest.raises(TunelineError, match=r"(?s)v3 failed and was rolled back.*version 2 keeps serving"):
+        deploy.run(params)
+    report = read_json(params.report("deploy.json"))
+    assert report["rolled_back"] is True and report["serving_version"] == "2" and report["candidate_version"] == "3"
+    assert "did not start" in report["reason"] and "SafetensorError" in report["reason"]
+    assert _champion(params) == "2"
+    assert _answered_by(port) == "2"
+    assert "test-deploy-v3" not in serve.status().applications
+    assert serve_control.status(params)["version"] == "2"  # status still knows what serves
+
+
+def test_serve_rollback_brings_the_previous_champion_back(deployed, port):
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+
+    params = deployed[0]
+    params_file = params.reports_dir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    out = CliRunner().invoke(app, ["serve", "rollback", "--params", str(params_file)])
+    assert out.exit_code == 0, out.output
+    assert "version: 1" in out.output and "rolled_back_from: 2" in out.output
+    assert _champion(params) == "1" and _answered_by(port) == "1"
+    report = read_json(params.report("deploy.json"))
+    assert (report["version"], report["previous_version"]) == ("1", "2")
 
 
 def test_stop_on_a_named_cluster_removes_only_the_app(deployed, client):
@@ -243,6 +434,7 @@ def test_stop_on_a_named_cluster_removes_only_the_app(deployed, client):
         update={"ray_address": ray.get_runtime_context().gcs_address})})
     assert serve_control.stop(named) == {"stopped": True, "app": "test-deploy", "ray_stopped": False}
     assert serve_control.status(params)["running"] is False
+    assert not [a for a in serve.status().applications if a.startswith("test-deploy")]
     assert [m.id for m in client.models.list()] == [SERVED]  # the cluster and its other apps live on
 
 

@@ -1,0 +1,342 @@
+"""Prefect orchestration: the `finetune` flow, its cache, its deployments, its event trigger.
+
+The server tests run against a real Prefect server that this module starts on a free
+loopback port (its database in a temp folder), with a process worker started by
+`tuneline prefect up` in a tiny project (tests/conftest.py `tiny_params`). They share that
+project and run in order, each from the state the one before left:
+
+1. the deployments are registered, the retrain cron comes from params;
+2. in-process: `evaluate` fails once (not a transient error, so no retry), the re-run takes
+   bootstrap..train from the cache (their functions are not called) and completes; a
+   transient error in the re-run is retried; the failed MLflow run is continued;
+3. `finetune/on-demand` through the Prefect client with an override, as the UI sends it:
+   the gate promotes, merge registers version 1, deploy serves it (its own Ray, port free);
+4. `tuneline data push` emits `tuneline.data.updated`, whose trigger starts a run.
+
+The project's params gate out every candidate (gate.min_rouge_l 1.0) unless overridden,
+so only run 3 pays for merge and a Ray deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, tiny_params
+from serving_helpers import free_port
+
+from flows import local
+from flows.finetune import STAGE_NAMES, is_transient, resolve_params
+from tasks.config import Params
+from tasks.errors import TunelineError
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+# ---------------------------------------------------------------- fast checks, no server
+
+
+def test_flow_stages_match_dvc_yaml():
+    assert STAGE_NAMES == list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
+
+
+def test_typed_overrides_and_sets_merge_onto_params_yaml(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"train": {"epochs": 3, "seed": 7}, "gate": {"min_rouge_l": 0.5}}))
+    params = resolve_params(path, {"train": {"epochs": 2, "seed": None}, "validate": {"max_duplicate_rate": 0.2}},
+                            ["gate.min_rouge_l=0.1", "data.eval_path=null"])
+    assert (params.train.epochs, params.train.seed) == (2, 7)  # empty keys keep params.yaml's value
+    assert params.validate_.max_duplicate_rate == 0.2 and params.gate.min_rouge_l == 0.1
+    assert params.data.eval_path is None
+    with pytest.raises(TunelineError, match="train.epochs"):
+        resolve_params(path, {"train": {"epochs": -1}})
+
+
+def test_only_transient_errors_are_retried():
+    from botocore.exceptions import EndpointConnectionError
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
+
+    assert is_transient(ConnectionRefusedError("tracking server down"))
+    assert is_transient(MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE))
+    try:
+        try:
+            raise EndpointConnectionError(endpoint_url="http://minio:9000")
+        except EndpointConnectionError as e:
+            raise TunelineError("s3://bucket/train.jsonl: cannot reach the S3 endpoint") from e
+    except TunelineError as wrapped:
+        assert is_transient(wrapped)
+    assert not is_transient(TunelineError("data/train.jsonl:3: field 'output': must be a string"))
+    assert not is_transient(MlflowException("bad param", error_code=INVALID_PARAMETER_VALUE))
+
+
+def test_cache_key_follows_code_params_and_data(tmp_path):
+    from flows import stages
+
+    params = tiny_params(tmp_path)
+    params.data.train_path.parent.mkdir(parents=True)
+    params.data.train_path.write_text('{"instruction": "a", "output": "b"}\n')
+    params.data.eval_path.write_text('{"instruction": "c", "output": "d"}\n')
+    key = stages.cache_key("validate", params)
+    assert stages.cache_key("validate", params) == key
+    assert stages.cache_key("validate", tiny_params(tmp_path, gate__min_rouge_l=0.9)) == key  # not its section
+    assert stages.cache_key("validate", tiny_params(tmp_path, validate__max_duplicate_rate=0.5)) != key
+    params.data.eval_path.write_text('{"instruction": "c", "output": "e"}\n')
+    assert stages.cache_key("validate", params) != key
+    assert stages.outputs("validate", params)[str(params.data.validated_dir)] is None  # not written yet
+
+
+# ---------------------------------------------------------------- a real server, a worker, a project
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.pop("TUNELINE_MLFLOW_RUN_ID", None)
+    env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
+    return env
+
+
+def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"tuneline {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny project whose params gate every candidate out, with its own results folder and pool."""
+    root = tmp_path_factory.mktemp("prefect") / "project"
+    root.mkdir()
+    params = tiny_params(root, gate__min_rouge_l=1.0, serving__ray_address="local", serving__port=free_port(),
+                         orchestration__results_dir=str(root / ".prefect-results"),
+                         orchestration__work_pool=f"tuneline-test-{uuid.uuid4().hex[:6]}",
+                         orchestration__retrain_cron="30 4 * * 2", orchestration__retry_delay_s=0.5,
+                         orchestration__server_port=free_port())
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True), sort_keys=False))
+    return root, params
+
+
+@pytest.fixture(scope="module")
+def server(project):
+    """`prefect server start` on a free loopback port, PREFECT_HOME in a temp folder; stopped at the end."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    root, params = project
+    port = params.orchestration.server_port
+    url = f"http://127.0.0.1:{port}/api"
+    log = root.parent / "server.log"
+    env = _env(PREFECT_HOME=str(root.parent / "prefect-home"), PREFECT_UI_ENABLED="false")
+    env.pop("PREFECT_API_URL", None)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        local.wait_healthy(url, 240, proc, log)
+        with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url}):
+            mp.setenv("PREFECT_API_URL", url)  # for the subprocesses: CLI, worker, flow runs
+            mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
+            yield url
+    finally:
+        local.stop_process_group(proc.pid)
+
+
+@pytest.fixture(scope="module")
+def up(project, server):
+    """`tuneline prefect up`: finds the server running, creates the pool, deploys, starts a worker."""
+    root, _ = project
+    proc = _cli("prefect", "up", cwd=root)
+    state = json.loads((root / ".prefect" / "state.json").read_text())
+    assert state["api_url"] == server and state["server_pid"] is None  # not ours: `down` leaves it alone
+    yield proc.stdout
+    _cli("prefect", "down", cwd=root)
+    assert not local._alive(state["worker_pid"]) or _zombie(state["worker_pid"])
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _task_states(flow_run_id) -> dict[str, tuple[str, int]]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as c:
+        runs = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: (r.state.name, r.run_count) for r in runs}  # "validate-3f2" -> validate
+
+
+def _mlflow(params: Params):
+    import mlflow
+
+    mlflow.set_tracking_uri(params.registry.tracking_uri)
+    return mlflow.MlflowClient()
+
+
+@pytest.mark.slow
+def test_deployments_registered_with_cron_from_params_and_event_trigger(project, up):
+    _, params = project
+    with _client() as c:
+        on_demand = c.read_deployment_by_name("finetune/on-demand")
+        retrain = c.read_deployment_by_name("finetune/scheduled-retrain")
+        automations = c.read_automations_by_name("on-demand__automation_1")
+        pool = c.read_work_pool(params.orchestration.work_pool)
+    schedules = [(s.schedule.cron, s.schedule.timezone, s.active) for s in retrain.schedules]
+    assert schedules == [("30 4 * * 2", "UTC", True)]  # orchestration.retrain_cron of the project's params
+    assert on_demand.schedules == [] and retrain.parameters == {"trigger": "schedule"}
+    assert on_demand.work_pool_name == retrain.work_pool_name == params.orchestration.work_pool
+    assert on_demand.entrypoint == "flows.finetune.finetune" and pool.type == "process"
+    assert "overrides" in on_demand.parameter_openapi_schema["properties"]  # the UI's form
+    (automation,) = [a for a in automations if a.actions[0].deployment_id == on_demand.id]
+    assert automation.trigger.expect == {"tuneline.data.updated"}
+
+
+@pytest.mark.slow
+def test_failed_evaluate_then_rerun_skips_completed_stages(project, up, monkeypatch):
+    import tasks.evaluate
+    import tasks.tokenize
+    import tasks.train
+    import tasks.validate
+    from flows.finetune import finetune
+
+    root, params = project
+    calls: dict[str, int] = {}
+    failures = [TunelineError("injected: evaluate crashed"), ConnectionError("injected: tracking server away")]
+
+    def counting(name, fn, fail=False):
+        def run(p):
+            calls[name] = calls.get(name, 0) + 1
+            if fail and failures and calls[name] <= 2:
+                raise failures.pop(0)
+            return fn(p)
+        return run
+
+    for module in (tasks.validate, tasks.tokenize, tasks.train):
+        monkeypatch.setattr(module, "run", counting(module.__name__, module.run))
+    monkeypatch.setattr(tasks.evaluate, "run", counting("tasks.evaluate", tasks.evaluate.run, fail=True))
+
+    first = finetune(params_path=str(root / "params.yaml"), return_state=True)
+    assert first.is_failed() and "injected: evaluate crashed" in first.message
+    states = _task_states(first.state_details.flow_run_id)
+    assert {s: states[s][0] for s in STAGE_NAMES[:5]} == {s: "Completed" for s in STAGE_NAMES[:4]} | {
+        "evaluate": "Failed"}
+    assert states["evaluate"][1] == 1  # a bad stage is not retried
+    assert calls == {"tasks.validate": 1, "tasks.tokenize": 1, "tasks.train": 1, "tasks.evaluate": 1}
+    failed_run = json.loads((root / "reports" / "train.json").read_text())["mlflow_run_id"]
+    assert _mlflow(params).get_run(failed_run).info.status == "FAILED"
+
+    second = finetune(params_path=str(root / "params.yaml"), return_state=True)
+    assert second.is_completed(), second.message
+    states = _task_states(second.state_details.flow_run_id)
+    assert {s: states[s][0] for s in STAGE_NAMES} == {
+        "bootstrap": "Cached", "validate": "Cached", "tokenize": "Cached", "train": "Cached",
+        "evaluate": "Completed", "gate": "Completed", "merge": "Completed", "deploy": "Completed"}
+    assert states["evaluate"][1] == 2  # the transient error was retried
+    assert calls == {"tasks.validate": 1, "tasks.tokenize": 1, "tasks.train": 1, "tasks.evaluate": 3}
+    summary = second.result()
+    assert summary["decision"] == "reject" and summary["model_version"] is None
+    assert summary["mlflow_run_id"] == failed_run and summary["mlflow_resumed"]  # one MLflow run for the pipeline
+    run = _mlflow(params).get_run(failed_run)
+    assert run.info.status == "FINISHED" and run.data.tags["tuneline.gate"] == "reject"
+    assert {"train.train_loss", "eval.candidate.rouge_l", "validate.train_records"} <= set(run.data.metrics)
+
+
+def _wait_terminal(flow_run_id, timeout: float = 420):
+    deadline = time.monotonic() + timeout
+    with _client() as c:
+        while True:
+            run = c.read_flow_run(flow_run_id)
+            if run.state and run.state.type.value in TERMINAL or time.monotonic() > deadline:
+                return run
+            time.sleep(1)
+
+
+@pytest.mark.slow
+def test_on_demand_run_with_override_registers_and_deploys_a_model(project, up):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.deployments import run_deployment
+
+    _, params = project
+    # What the UI's custom-run form sends: only the keys that were filled in.
+    run = run_deployment("finetune/on-demand", parameters={"overrides": {"gate": {"min_rouge_l": 0.0}}},
+                         timeout=0)
+    run = _wait_terminal(run.id)
+    assert run.state.type.value == "COMPLETED", run.state.message
+    assert run.name.startswith(f"{params.registry.model_name}-") and "nodata" not in run.name
+    states = _task_states(run.id)
+    assert {s: states[s][0] for s in STAGE_NAMES[:5]} == {s: "Cached" for s in STAGE_NAMES[:5]}
+    assert {s: states[s][0] for s in STAGE_NAMES[5:]} == {s: "Completed" for s in STAGE_NAMES[5:]}
+
+    client = _mlflow(params)
+    (mlrun,) = client.search_runs([client.get_experiment_by_name(params.registry.experiment).experiment_id],
+                                  f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["tuneline.gate"] == "promote"
+    version = client.get_model_version(params.registry.model_name, "1")
+    assert version.run_id == mlrun.info.run_id
+    assert str(client.get_model_version_by_alias(params.registry.model_name, "champion").version) == "1"
+
+    with _client() as c:
+        (artifact,) = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[run.id])))
+    assert artifact.type == "markdown" and artifact.key == "finetune-tuneline-default"
+    assert "## Gate: **promote**" in artifact.data and "| rouge_l |" in artifact.data
+    assert f"#/runs/{mlrun.info.run_id}" in artifact.data and "/versions/1)" in artifact.data
+
+
+@pytest.mark.slow
+def test_data_push_event_starts_an_on_demand_run(project, up):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    root, _ = project
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=_env())
+    subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root.parent / "dvc-remote")],
+                   cwd=root, check=True, env=_env())
+    shutil.copytree(root / "data" / "raw", root / "data" / "own")
+    out = _cli("data", "push", "data/own", cwd=root).stdout
+    digest = out.split("pushed data/own: ", 1)[1].split()[0]
+    assert "event tuneline.data.updated sent to" in out
+
+    with _client() as c:
+        deployment = c.read_deployment_by_name("finetune/on-demand")
+        deadline = time.monotonic() + 60
+        while True:
+            runs = [r for r in c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(
+                any_=[deployment.id]))) if r.parameters.get("data_hash") == digest]
+            if runs or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+    assert runs, "no flow run was triggered by the event"
+    assert runs[0].parameters["trigger"] == "event tuneline.data.updated"
+    run = _wait_terminal(runs[0].id)
+    assert run.state.type.value == "COMPLETED", run.state.message
+
+
+@pytest.mark.slow
+def test_tuneline_run_reports_to_the_up_server_and_skips_cached_stages(project, server, up):
+    root, _ = project
+    env = _env()
+    env.pop("PREFECT_API_URL")  # nothing configured: `tuneline run` finds the server `up` recorded here
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "run"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print(f"fully cached `tuneline run` against the up server: {time.perf_counter() - start:.1f}s")
+    assert f"(Prefect: {server})" in proc.stdout and "ran: none;" in proc.stdout
