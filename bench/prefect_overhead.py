@@ -135,6 +135,27 @@ def start_server(home: Path) -> tuple[subprocess.Popen, str, float]:
     return proc, url, time.perf_counter() - start
 
 
+def decompose(url: str, root: Path) -> dict[str, float]:
+    """Where the newest flow run on `url` spent its time: the stages' own work (timed inside the task
+    body, persisted in its result) vs the tasks' wall time vs the flow run's: Prefect's share, load-proof."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.results import ResultRecord
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as c:
+        (flow_run,) = c.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+    results = root / ".prefect-results"
+    work = sum(float(ResultRecord.deserialize((results / t.cache_key).read_bytes()).result["seconds"])
+               for t in tasks if t.cache_key and (results / t.cache_key).exists())
+    task_wall = sum((t.end_time - t.start_time).total_seconds() for t in tasks if t.start_time and t.end_time)
+    flow_wall = (flow_run.end_time - flow_run.start_time).total_seconds()
+    return {"stages": len(tasks), "work": work, "task_overhead": task_wall - work,
+            "flow_overhead": flow_wall - task_wall}
+
+
 def bench(base: Path, label: str, default: bool, repeat: int) -> dict[str, float]:
     from flows.local import stop_process_group
 
@@ -149,11 +170,15 @@ def bench(base: Path, label: str, default: bool, repeat: int) -> dict[str, float
         print(f"    {startup:6.1f}s  prefect server start (once)", flush=True)
         served_root = project(base, f"{label}-served", default)
         served_cold, _ = timed_run(served_root, env(home, url))
+        parts = decompose(url, served_root)
+        print(f"    in that run: {parts['work']:.1f}s of stage work; Prefect: {parts['task_overhead']:.1f}s in the "
+              f"{parts['stages']} tasks (cache key, result, states), {parts['flow_overhead']:.1f}s in the flow "
+              "around them", flush=True)
         served = cached_runs(served_root, env(home, url), repeat)
     finally:
         stop_process_group(proc.pid)
     return {"plain": plain, "flow": flow, "cached": cached, "served_cold": served_cold, "served": served,
-            "server_start": startup}
+            "server_start": startup, **{f"part_{k}": v for k, v in parts.items()}}
 
 
 def main() -> None:
@@ -181,6 +206,12 @@ def main() -> None:
         print(f"| {label} | {r['plain']:.1f}s | {over(r['flow'])} | {over(r['served_cold'])} "
               f"| {r['cached']:.1f}s | {r['served']:.1f}s |")
     print(f"\n(`prefect server start` itself took {results['tiny']['server_start']:.1f}s, once.)")
+    print("\nPrefect's share of a cold run against the running server (from the server's own timestamps):\n")
+    print("| params | stage work | Prefect in the tasks | Prefect in the flow, around the tasks |")
+    print("|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label} | {r['part_work']:.1f}s | {r['part_task_overhead']:.1f}s "
+              f"({r['part_task_overhead'] / r['part_stages']:.2f}s a stage) | {r['part_flow_overhead']:.1f}s |")
 
 
 if __name__ == "__main__":

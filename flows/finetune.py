@@ -95,7 +95,9 @@ def resolve_params(params_path: str | Path = DEFAULT_PARAMS, overrides: Any = No
 
 _TRANSIENT_NAMES = {"ConnectionError", "TimeoutError", "TransportError", "TimeoutException",
                     "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                    "OperationalError", "ServiceUnavailable", "GetTimeoutError"}
+                    "ServiceUnavailable", "GetTimeoutError"}
+# A database error is transient when the database was busy or away, not when the query was wrong.
+_TRANSIENT_DB_WORDS = ("locked", "timeout", "timed out", "connection", "could not connect", "server closed")
 _TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 _TRANSIENT_S3_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
                        "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
@@ -108,6 +110,8 @@ def is_transient(exc: BaseException | None) -> bool:
         seen.add(id(exc))
         names = {c.__name__ for c in type(exc).__mro__}
         if names & _TRANSIENT_NAMES:
+            return True
+        if "OperationalError" in names and any(w in str(exc).lower() for w in _TRANSIENT_DB_WORDS):
             return True
         if "MlflowException" in names:
             code = str(getattr(exc, "error_code", ""))

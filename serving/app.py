@@ -63,8 +63,9 @@ REPLICA_CPUS = 1
 ROUTER_DEPLOYMENT, MODEL_DEPLOYMENT = "Router", "ModelServer"
 ROUTER_MAX_ONGOING = 1024  # the router only awaits; the model servers' queues are the real limit
 DRAIN_TIMEOUT_S = 120.0  # a stopping replica finishes its requests (and streams) for up to this long
-# A model that fails to load fails the same way again: two tries, then the deployment is DEPLOY_FAILED.
-MODEL_CONSTRUCTOR_RETRIES = 2
+# A model that fails to load (corrupt weights, wrong format) fails the same way again, so a new version's
+# deployment is DEPLOY_FAILED after one failed replica start (downloads retry inside it: serving/engine.py).
+MODEL_CONSTRUCTOR_RETRIES = 1
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 api = FastAPI(title="Tuneline", docs_url=None, redoc_url=None)

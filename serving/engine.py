@@ -118,8 +118,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, di
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            root = Path(mlflow.artifacts.download_artifacts(artifact_uri=fetch, dst_path=str(tmp),
-                                                            tracking_uri=uri, registry_uri=uri))
+            root = _download(fetch, tmp, uri)
             (tmp / ".tuneline-complete").write_text(str(_hf_folder(root).relative_to(tmp)))
             try:
                 os.replace(tmp, dest)
@@ -128,6 +127,22 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, di
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return dest / marker.read_text(), source
+
+
+def _download(artifact_uri: str, dest: Path, tracking_uri: str, tries: int = 3) -> Path:
+    """Download with a few retries: a registry or object store hiccup should not fail a replica (Serve
+    itself tries a failing replica constructor only once more, as a broken model fails the same way)."""
+    import mlflow
+
+    for attempt in range(tries):
+        try:
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dest),
+                                                            tracking_uri=tracking_uri, registry_uri=tracking_uri))
+        except Exception:
+            if attempt == tries - 1:
+                raise
+            time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 class _RowSampler(LogitsProcessor):
@@ -153,7 +168,8 @@ class _RowSampler(LogitsProcessor):
         if torch.isnan(scores).any():
             raise ModelError("the model produced NaN logits: its weights are broken")
         if self.no_eos:
-            scores[torch.tensor(self.no_eos)[:, None], torch.tensor(self.eos_ids)[None, :]] = -float("inf")
+            rows = torch.tensor(self.no_eos, device=scores.device)[:, None]
+            scores[rows, torch.tensor(self.eos_ids, device=scores.device)[None, :]] = -float("inf")
         for i, job in enumerate(self.jobs):
             if job.temperature <= 0:
                 continue

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_only_transient_errors_are_retried():
             raise TunelineError("s3://bucket/train.jsonl: cannot reach the S3 endpoint") from e
     except TunelineError as wrapped:
         assert is_transient(wrapped)
+    import sqlite3
+
+    assert is_transient(sqlite3.OperationalError("database is locked"))
+    assert not is_transient(sqlite3.OperationalError("no such table: runs"))
     assert not is_transient(TunelineError("data/train.jsonl:3: field 'output': must be a string"))
     assert not is_transient(MlflowException("bad param", error_code=INVALID_PARAMETER_VALUE))
 
@@ -207,6 +212,18 @@ def test_deployments_registered_with_cron_from_params_and_event_trigger(project,
     assert "overrides" in on_demand.parameter_openapi_schema["properties"]  # the UI's form
     (automation,) = [a for a in automations if a.actions[0].deployment_id == on_demand.id]
     assert automation.trigger.expect == {"tuneline.data.updated"}
+
+    # The server's scheduler puts the next retrains on the calendar: Tuesdays 04:30 UTC.
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + 90
+    with _client() as c:
+        while not (scheduled := c.read_flow_runs(deployment_filter=DeploymentFilter(
+                id=DeploymentFilterId(any_=[retrain.id])))) and time.monotonic() < deadline:
+            time.sleep(2)
+    assert scheduled, "the scheduler created no run of finetune/scheduled-retrain"
+    starts = [r.expected_start_time.astimezone(UTC) for r in scheduled]
+    assert all((t.weekday(), t.hour, t.minute) == (1, 4, 30) for t in starts), starts
 
 
 @pytest.mark.slow
