@@ -50,7 +50,7 @@ class Bootstrap(_Section):
     train_records: int = Field(2000, gt=0)
     eval_records: int = Field(200, gt=0)
     seed: int = 1234
-    pretrain_steps: int = Field(1000, ge=0, description="causal-LM steps that give the base model its knowledge")
+    pretrain_steps: int = Field(1000, ge=10, description="causal-LM steps that give the base model its knowledge")
     pretrain_lr: float = Field(2e-3, gt=0)
     pretrain_batch: int = Field(32, gt=0)
     data_dir: Path = Path("data/raw")
