@@ -76,7 +76,7 @@ def test_dvc_repro_trains_gates_registers_and_serves(project):
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     champion = mlflow.MlflowClient().get_model_version_by_alias(params.registry.model_name, "champion")
-    assert champion.version == deploy["version"] == "1"
+    assert str(champion.version) == deploy["version"] == "1"
 
     client = openai.OpenAI(base_url=deploy["endpoint"], api_key="unused")
     assert [m.id for m in client.models.list().data] == [deploy["served_model"]]
