@@ -31,11 +31,10 @@ SEED = 1234
 
 
 def base_model(seq: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(**LLAMA_1B, max_position_embeddings=seq, attn_implementation="sdpa")
     torch.manual_seed(SEED)  # the same weights in every process, and again in --merge-check
-    return LlamaForCausalLM(cfg).to(torch.bfloat16)
+    return LlamaForCausalLM(base_model_config(seq)).to(torch.bfloat16)
 
 
 class ZipfTokens(torch.utils.data.Dataset):
@@ -73,7 +72,7 @@ def params_for(args, root: Path):
 def base_model_config(seq: int):
     from transformers import LlamaConfig
 
-    return LlamaConfig(**LLAMA_1B, max_position_embeddings=seq)
+    return LlamaConfig(**LLAMA_1B, max_position_embeddings=seq, attn_implementation="sdpa")
 
 
 def tiny_tokenizer():
