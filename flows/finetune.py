@@ -149,9 +149,8 @@ def _resumable_run(params: Params, params_hash: str) -> str | None:
     run_id = read_json(report).get("mlflow_run_id")
     if not run_id:
         return None
-    from mlflow.exceptions import MlflowException
-
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     tracking.setup(params)
     try:
@@ -170,6 +169,7 @@ def ensure_mlflow_run(stage: str, params: Params) -> None:
     if stage in LOCAL_ONLY or os.environ.get(RUN_ID_ENV):
         return
     from mlflow import MlflowClient
+
     from tasks import tracking
 
     params_hash = tracking.params_hash(params)

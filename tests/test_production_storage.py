@@ -275,6 +275,7 @@ def test_data_and_base_model_read_from_s3_uris(pipeline, aws, tmp_path):
 def test_registry_artifact_location_on_s3_is_a_direct_store(aws, tmp_path):
     """registry.artifact_location: s3://... with a local tracking store: the client writes to S3 itself."""
     import mlflow
+
     from tasks import tracking
 
     params = tiny_params(tmp_path, registry__artifact_location=f"s3://{ARTIFACTS}/direct")
