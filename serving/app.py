@@ -127,6 +127,11 @@ class ModelServer:
         self._batched.set_max_batch_size(max_batch_size)
         self._batched.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="generate")  # they queue on one lock
+        # Ray's batcher forms the next batch while one runs (it waits only batch_wait_timeout_s), so under
+        # load it would cut a queue of small batches. Requests wait here instead until the model is free,
+        # then all of them enter the batcher together and form one full batch.
+        self.model_free = asyncio.Event()
+        self.model_free.set()
         self.tags = {"model_version": str(self.engine.source.get("version") or "")}
         self.batch_sizes = Histogram("tuneline_batch_size", "requests per generated batch",
                                      boundaries=[1, 2, 4, 8, 16, 32, 64], tag_keys=("model_version",))
@@ -145,15 +150,19 @@ class ModelServer:
             job = self.engine.prepare(spec)
         except APIError as e:
             return {"error": e.to_dict()}
+        await self.model_free.wait()
         return await self._batched(job)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # the real values come from __init__
     async def _batched(self, jobs: list) -> list[dict]:
+        self.model_free.clear()
         try:
             results = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.generate, jobs)
         except Exception as e:  # the model failed (NaN logits, out of memory): every request of the batch says so
             error = APIError(500, f"the model failed: {type(e).__name__}: {str(e)[-500:]}", code="model_error")
             return [{"error": error.to_dict()} for _ in jobs]
+        finally:
+            self.model_free.set()
         self._observe(results)
         return results
 
