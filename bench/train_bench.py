@@ -13,7 +13,14 @@ baseline pads every batch to its longest row.
 
     python bench/train_bench.py --shape llama-1b --bs 8                # one GPU
     python bench/train_bench.py --shape llama-8b --bs 4 --ckpt
+    python bench/train_bench.py --shape llama-8b --qlora          # QLoRA vs bf16 LoRA: memory and loss
 Prints one JSON line per run and a ratio line per dataset.
+
+`--qlora` saves the random-init shape to disk (QLoRA quantizes while loading, through
+tasks.models.load_model as the train stage does), then trains `lora.method: qlora`
+and `lora` on the same learnable data (Zipf-distributed tokens from a 2,000-token
+subset, a 64-token motif repeating through each row), batch 1, checkpointing, and
+prints each run's peak memory and its mean loss over the last 50 steps.
 """
 
 from __future__ import annotations
@@ -59,6 +66,19 @@ def make_data(kind: str, n: int, seq: int, vocab: int) -> list[dict]:
     return rows
 
 
+def pattern_data(n: int, seq: int, vocab: int) -> list[dict]:
+    """Learnable rows: a Zipf unigram over 2,000 token ids, each row a 64-token motif repeated."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randperm(vocab, generator=g)[:2000]
+    zipf = 1.0 / torch.arange(1, len(ids) + 1, dtype=torch.float64)
+    rows = []
+    for _ in range(n):
+        motif = ids[torch.multinomial(zipf, 64, replacement=True, generator=g)].tolist()
+        row = (motif * (seq // 64 + 1))[:seq]
+        rows.append({"input_ids": row, "labels": row})
+    return rows
+
+
 def model_for(shape: str, seq: int, attn: str = "sdpa"):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,13 +96,24 @@ def flops_per_token(model, seq: int, ckpt: bool) -> float:
     return (4 + (2 if ckpt else 0)) * n_mm + (2 + 2 + (1 if ckpt else 0)) * attn
 
 
-def result(name, data_kind, args, step_s, tokens, real_tokens, per_tok) -> dict:
+def built(peaks: dict) -> None:
+    """Call once the model is built: keeps the build's peak, then measures training on its own.
+
+    The shared baseline resets the peak before building the model in fp32, so its figure is mostly
+    the build (30 GiB for 8B); the training peak, counted from here, is what the engine changes."""
+    torch.cuda.synchronize()
+    peaks["build"] = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+
+
+def result(name, data_kind, args, step_s, tokens, real_tokens, per_tok, peaks) -> dict:
+    train_peak = torch.cuda.max_memory_allocated() / 2**30
     return {"engine": name, "data": data_kind, "shape": args.shape, "seq": args.seq, "bs": args.bs,
             "ckpt": args.ckpt, "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s),
             "nonpad_tokens_per_s": round(real_tokens / step_s),
             "padding_fraction": round(1 - real_tokens / tokens, 4),
             "mfu": round(real_tokens / step_s * per_tok / PEAK, 3),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1)}
+            "peak_mem_gib": round(max(peaks["build"], train_peak), 1), "train_peak_mem_gib": round(train_peak, 1)}
 
 
 def baseline(args, rows, data_kind, compile_: bool) -> dict:
@@ -99,6 +130,8 @@ def baseline(args, rows, data_kind, compile_: bool) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=TARGETS))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    peaks: dict = {}
+    built(peaks)
     fwd = torch.compile(model) if compile_ else model
     batches = [rows[i:i + args.bs] for i in range(0, len(rows) - args.bs + 1, args.bs)]
 
@@ -126,12 +159,14 @@ def baseline(args, rows, data_kind, compile_: bool) -> dict:
         tokens, real = tokens + a, real + r
     torch.cuda.synchronize()
     out = result("baseline" + ("-compiled" if compile_ else ""), data_kind, args,
-                 (time.perf_counter() - t) / args.steps, tokens / args.steps, real / args.steps, per_tok)
+                 (time.perf_counter() - t) / args.steps, tokens / args.steps, real / args.steps, per_tok, peaks)
     return out
 
 
-def tuneline(args, rows, data_kind) -> dict:
-    """Tuneline's engine: tasks.train.build_trainer with the params below, timed between steps."""
+def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None = None) -> dict:
+    """Tuneline's engine: tasks.train.build_trainer with the params below, timed between steps.
+
+    With `model_dir` the model loads as the train stage loads it (4-bit for qlora)."""
     from transformers import TrainerCallback
 
     from tasks.bootstrap import build_tokenizer
@@ -141,15 +176,29 @@ def tuneline(args, rows, data_kind) -> dict:
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    default_for_qlora = "auto" if method == "qlora" else False  # as the train stage runs it: eager, padded
     params = Params.model_validate({"train": {
-        "batch_size": args.bs, "max_steps": args.warmup + args.steps, "logging_steps": 10**6, "save_steps": 10**6,
+        "batch_size": args.bs, "max_steps": args.warmup + args.steps, "save_steps": 10**6,
+        "logging_steps": 10 if model_dir else 10**6,
         "learning_rate": 1e-4, "lr_scheduler": "constant", "warmup_ratio": 0.0, "bf16": True,
-        "gradient_checkpointing": args.ckpt, "packing": not args.no_packing, "chunked_loss": not args.no_chunked,
-        "compile": not args.no_compile, "output_dir": str(work / "adapter"), "checkpoint_dir": str(work / "ckpt")},
-        "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS}})
+        "gradient_checkpointing": args.ckpt, "packing": default_for_qlora or not args.no_packing,
+        "chunked_loss": not args.no_chunked,
+        "compile": default_for_qlora or not args.no_compile,
+        "output_dir": str(work / "adapter"), "checkpoint_dir": str(work / "ckpt"),
+        "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens},
+        "lora": {"method": method, "r": 16, "alpha": 32, "target_modules": TARGETS},
+        "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
     training_args = _training_args(params, has_eval=False)
     training_args.dataloader_drop_last = True
-    model = with_adapter(model_for(args.shape, args.seq, attention(params) or "sdpa"), params)
+    if model_dir:
+        from tasks.models import load_model
+
+        base = load_model(params, attn_implementation=attention(params) or "sdpa", quantize=method == "qlora")
+    else:
+        base = model_for(args.shape, args.seq, attention(params) or "sdpa")
+    model = with_adapter(base, params)
+    peaks: dict = {}
+    built(peaks)
     per_tok = flops_per_token(model.get_base_model(), args.seq, args.ckpt)
     marks: dict[int, tuple[float, int]] = {}
 
@@ -168,9 +217,41 @@ def tuneline(args, rows, data_kind) -> dict:
     step_s = (t1 - t0) / args.steps
     real = (n1 - n0) / args.steps
     name = "tuneline" + "".join(f"-no{k}" for k in ("packing", "chunked", "compile") if getattr(args, f"no_{k}"))
+    name += f"-{method}" if model_dir else ""
     # Trainer counts non-padding tokens only: with packing there is no padding to count.
-    out = result(name, data_kind, args, step_s, real, real, per_tok)
+    out = result(name, data_kind, args, step_s, real, real, per_tok, peaks)
+    if args.skip_ckpt_layers:
+        out["skip_ckpt_layers"] = args.skip_ckpt_layers
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if model_dir and losses:
+        out["final_loss"] = round(sum(losses[-5:]) / len(losses[-5:]), 4)  # logged every 10 steps: the last 50
+        out["first_loss"] = round(losses[0], 4)
+    del trainer, model, base
     return out
+
+
+def qlora_compare(args) -> None:
+    """QLoRA against bf16 LoRA on the same saved model and data: peak memory and loss after the steps."""
+    import shutil
+
+    model_dir = Path(tempfile.mkdtemp(prefix="train-bench-model-"))
+    model = model_for(args.shape, args.seq)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    del model
+    rows = pattern_data((args.warmup + args.steps + 2) * args.bs, args.seq, SHAPES[args.shape]["vocab_size"])
+    results = {}
+    for method in ("qlora", "lora"):
+        torch.cuda.empty_cache()
+        results[method] = tuneline(args, rows, "pattern", method, model_dir)
+        print(json.dumps(results[method]), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(results[method]) + "\n")
+    q, b = results["qlora"], results["lora"]
+    print(json.dumps({"shape": args.shape, "qlora_peak_mem_gib": q["peak_mem_gib"],
+                      "qlora_train_peak_mem_gib": q["train_peak_mem_gib"], "lora_peak_mem_gib": b["peak_mem_gib"],
+                      "final_loss_qlora_vs_lora": round(q["final_loss"] / b["final_loss"], 4)}), flush=True)
+    shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def main() -> None:
@@ -185,9 +266,16 @@ def main() -> None:
     ap.add_argument("--runs", default="baseline,baseline-compiled,tuneline")
     for k in ("packing", "chunked", "compile"):
         ap.add_argument(f"--no-{k}", action="store_true", help=f"Tuneline without {k}")
+    ap.add_argument("--skip-ckpt-layers", type=int, default=0, help="train.checkpoint_skip_layers for Tuneline")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=4096, help="train.loss_chunk_tokens for Tuneline")
+    ap.add_argument("--qlora", action="store_true", help="QLoRA vs bf16 LoRA (memory, loss); bs 1, ckpt, 200 steps")
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
+    if args.qlora:
+        args.bs, args.ckpt, args.steps, args.warmup = 1, True, max(args.steps, 190), 10
+        args.loss_chunk_tokens = 1024
+        return qlora_compare(args)
     vocab = SHAPES[args.shape]["vocab_size"]
     for kind in args.data.split(","):
         rows = make_data(kind, (args.warmup + args.steps + 2) * args.bs, args.seq, vocab)
@@ -211,7 +299,9 @@ def main() -> None:
                               "ratio_vs_eager_nonpad": round(t["nonpad_tokens_per_s"] / b["nonpad_tokens_per_s"], 2),
                               "ratio_vs_compiled_nonpad": round(t["nonpad_tokens_per_s"] / c["nonpad_tokens_per_s"], 2)
                               if "nonpad_tokens_per_s" in c else None,
-                              "peak_mem_vs_eager": round(t["peak_mem_gib"] / b["peak_mem_gib"], 2)}), flush=True)
+                              "peak_mem_vs_eager": round(t["peak_mem_gib"] / b["peak_mem_gib"], 2),
+                              "train_peak_mem_vs_eager": round(t["train_peak_mem_gib"] / b["train_peak_mem_gib"],
+                                                               2)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from collections import Counter, deque
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 VERSION_HEADER = "x-tuneline-version"  # which model version answered; the promotion test reads it
@@ -42,6 +42,16 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _encodable(text: str) -> str:
+    """JSON's \\ud800 escapes decode to lone surrogates, which no tokenizer takes: refuse them here (400)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text: a lone surrogate at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]  # what reaches the tokenizer
 Stop = Annotated[str, Field(min_length=1)]
 
 
@@ -59,19 +69,19 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stop: Stop | list[Stop] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1, description="int64, as OpenAI's (and torch's seeds)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="vLLM's extension: generate max_tokens even past EOS (benchmarks)")
 
 
 class CompletionRequest(Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatRequest(Sampling):

@@ -10,8 +10,11 @@ Two deployments:
 - `ModelServer` loads one model (a folder or an MLflow URI such as `models:/NAME@champion`,
   fetched inside the replica), batches concurrent requests with `@serve.batch` (streams bypass
   the batcher), autoscales, and takes a GPU per replica where the cluster has one.
-- `Router` is the FastAPI ingress: API key, validation, OpenAI formatting, metrics. It holds a
-  handle to the ModelServer that serves; it knows no model, so it can point at any version.
+- `Router` is the FastAPI ingress: body size limit, API key, validation, OpenAI formatting, metrics.
+  It holds a handle to the ModelServer that serves; it knows no model, so it can point at any version.
+  Requests that name an adapter go to an AdapterServer (serving/adapters.py) by Serve's model multiplexing.
+  A plain request whose model replica dies under it (killed, its node lost) goes once more, to a
+  replica that lives: generation has no side effects, so the client sees a success, not a 500.
 
 Two layouts of them:
 
@@ -26,8 +29,10 @@ Two layouts of them:
 """
 
 import asyncio
+import hashlib
 import hmac
 import json
+import logging
 import os
 import threading
 import time
@@ -38,6 +43,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
@@ -66,9 +72,12 @@ DRAIN_TIMEOUT_S = 120.0  # a stopping replica finishes its requests (and streams
 # A model that fails to load (corrupt weights, wrong format) fails the same way again, so a new version's
 # deployment is DEPLOY_FAILED after one failed replica start (downloads retry inside it: serving/engine.py).
 MODEL_CONSTRUCTOR_RETRIES = 1
+MAX_REQUEST_BYTES = 1 << 20  # serving.max_request_bytes: a body over it gets 413 before anything parses it
+RETRIED = "a model replica died under a request; sent it once more"  # the Router's log says so at each retry
 LATENCY_BUCKETS = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 
 api = FastAPI(title="Tuneline", docs_url=None, redoc_url=None)
+log = logging.getLogger("ray.serve")  # Serve writes it to the replica's log file
 
 
 def _replica() -> "Router":
@@ -105,10 +114,61 @@ def _server_error(request: Request, exc: Exception):
     return _error(500, f"the server failed: {type(exc).__name__}: {str(exc)[-500:]}")
 
 
+class BodyTooLarge(HTTPException):
+    """An HTTPException, as FastAPI lets only those out of its body read (others become a plain 400)."""
+
+    def __init__(self, size: str, limit: int):
+        super().__init__(413, f"the request body is {size} bytes, over this server's limit of {limit} "
+                              "(serving.max_request_bytes)")
+
+
+@api.exception_handler(BodyTooLarge)
+def _body_too_large(request: Request | None, exc: BodyTooLarge):
+    return _error(413, str(exc.detail), code="request_too_large")
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over the router's max_request_bytes gets 413 before FastAPI reads
+    it whole or parses it. A declared Content-Length is refused at once; a chunked body is counted as
+    it arrives, and the read stops at the first chunk past the limit."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = _replica().max_request_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            return await _body_too_large(None, BodyTooLarge(declared.decode(), limit))(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(f"over {seen}", limit)
+            return message
+
+        return await self.app(scope, counted, send)
+
+
+api.add_middleware(BodyLimit)
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def authorize(authorization: str | None = Header(None)) -> None:
     """A route dependency, so it runs before the body is validated: a keyless caller learns that first."""
-    key = _replica().api_key
-    if key and not hmac.compare_digest((authorization or "").encode(), f"Bearer {key}".encode()):
+    digest = _replica().api_key_sha256
+    if not digest:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    if not (scheme == "Bearer" and hmac.compare_digest(key_digest(token), digest)):
         raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
 
 
@@ -153,11 +213,16 @@ class ModelServer:
         await self.model_free.wait()
         return await self._batched(job)
 
+    async def _run(self, work, *args):
+        """An Engine call on the model's threads; AdapterServer (serving/adapters.py) puts the request's adapter
+        in place first."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, work, *args)
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)  # the real values come from __init__
     async def _batched(self, jobs: list) -> list[dict]:
         self.model_free.clear()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.engine.generate, jobs)
+            results = await self._run(self.engine.generate, jobs)
         except Exception as e:  # the model failed (NaN logits, out of memory): every request of the batch says so
             error = APIError(500, f"the model failed: {type(e).__name__}: {str(e)[-500:]}", code="model_error")
             return [{"error": error.to_dict()} for _ in jobs]
@@ -188,7 +253,7 @@ class ModelServer:
         def emit(text: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, text)
 
-        future = loop.run_in_executor(self.executor, self.engine.stream, job, emit, cancel)
+        future = asyncio.ensure_future(self._run(self.engine.stream, job, emit, cancel))
         future.add_done_callback(lambda _: queue.put_nowait(None))
         try:
             while (text := await queue.get()) is not None:
@@ -219,18 +284,22 @@ class Router:
                               boundaries=LATENCY_BUCKETS, tag_keys=("route", "model_version"))
 
     def reconfigure(self, config: dict) -> None:
-        """Serve's user_config: served_name, max_tokens_limit, api_key_env, and in the deploy layout
-        active_app (the version application to send traffic to) and version."""
+        """Serve's user_config: served_name, max_tokens_limit, max_request_bytes, api_key_env and
+        api_key_sha256 (see _router_deployment), adapters (names that the bound AdapterServer serves too), and
+        in the deploy layout active_app (the version application to send traffic to) and version."""
         key_env = config.get("api_key_env")
-        self.api_key = os.environ.get(key_env) if key_env else None
-        if key_env and not self.api_key:
+        own_key = os.environ.get(key_env) if key_env else None
+        self.api_key_sha256 = config.get("api_key_sha256") or (key_digest(own_key) if own_key else None)
+        if key_env and not self.api_key_sha256:
             raise RuntimeError(f"serving.api_key_env is {key_env!r}, but that variable is not set for this "
                                "replica: refusing to serve without the key")
         self.served_name, self.max_tokens_limit = config["served_name"], int(config["max_tokens_limit"])
+        self.max_request_bytes = int(config.get("max_request_bytes", MAX_REQUEST_BYTES))
         self.active_app = config.get("active_app")
         self.model = serve.get_deployment_handle(MODEL_DEPLOYMENT, self.active_app) if self.active_app else self.bound
         if self.model is None:
             raise ValueError("Router: bind a ModelServer or name config['active_app']")
+        self.adapters = {name: self.model.options(multiplexed_model_id=name) for name in config.get("adapters", [])}
         if config.get("version") != self.version:
             self.stats, self.model_info = Stats(), None
         self.version = config.get("version")
@@ -263,7 +332,9 @@ class Router:
     @api.get("/v1/models", dependencies=[Depends(authorize)])
     async def models(self):
         card = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "tuneline"}
-        return {"object": "list", "data": [card]}
+        loaded = await self.model.loaded_adapters.remote() if self.adapters else {}  # of the replica that answered
+        cards = [{**card, "id": name, "parent": self.served_name, "loaded": name in loaded} for name in self.adapters]
+        return {"object": "list", "data": [card, *cards]}
 
     @api.get("/v1/metrics", dependencies=[Depends(authorize)])
     async def metrics(self):
@@ -282,29 +353,40 @@ class Router:
 
     async def _serve(self, req: CompletionRequest | ChatRequest, chat: bool):
         start = time.perf_counter()
-        if req.model is not None and req.model != self.served_name:
-            raise APIError(404, f"model {req.model!r} is not served here; this server serves {self.served_name!r}",
+        if req.model is not None and req.model != self.served_name and req.model not in self.adapters:
+            served = ", ".join(map(repr, [self.served_name, *self.adapters]))
+            raise APIError(404, f"model {req.model!r} is not served here; this server serves {served}",
                            "model", "model_not_found")
-        spec = to_spec(req, self.max_tokens_limit)
+        spec = {**to_spec(req, self.max_tokens_limit), "model": req.model or self.served_name}
         version = await self._version()
         headers = {VERSION_HEADER: version} if version else {}
         route = "chat" if chat else "completions"
         if req.stream:
             return await self._stream(req, spec, chat, route, version, start, headers)
-        gen = await self.model.generate.remote(spec)
+        gen = await self._generate(spec)
         if "error" in gen:
             raise APIError.from_dict(gen["error"])
         latency = time.perf_counter() - start
         # As a client sees it: everything but the time spent after the first token.
         self._done(route, version, latency, latency - (gen["latency_s"] - gen["ttft_s"]), gen, stream=False)
-        return JSONResponse(completion_body(head(chat, self.served_name, False), gen, chat), headers=headers)
+        return JSONResponse(completion_body(head(chat, spec["model"], False), gen, chat), headers=headers)
+
+    def _model(self, spec: dict) -> DeploymentHandle:
+        return self.adapters.get(spec["model"], self.model)
+
+    async def _generate(self, spec: dict) -> dict:
+        try:
+            return await self._model(spec).generate.remote(spec)
+        except RayActorError as e:  # its replica died; Serve's handle has dropped it, so this goes to another
+            log.warning(f"{RETRIED}: {type(e).__name__}")
+            return await self._model(spec).generate.remote(spec)
 
     async def _stream(self, req, spec: dict, chat: bool, route: str, version: str, start: float, headers: dict):
-        events = self.model.options(stream=True).stream.remote(spec)
+        events = self._model(spec).options(stream=True).stream.remote(spec)
         first = await events.__anext__()  # a request the model refuses still gets its 4xx, not a broken stream
         if "error" in first:
             raise APIError.from_dict(first["error"])
-        top = head(chat, self.served_name, True)
+        top = head(chat, spec["model"], True)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         async def sse():
@@ -346,6 +428,7 @@ class AppArgs(BaseModel):
     max_tokens_limit: int = Field(256, gt=0)
     max_prompt_tokens: int = Field(1024, gt=0)
     api_key_env: str | None = None
+    max_request_bytes: int = Field(MAX_REQUEST_BYTES, gt=0)
     max_batch_size: int = Field(8, gt=0)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     min_replicas: int = Field(1, ge=1)
@@ -367,19 +450,13 @@ def replica_gpus(requested: float) -> float:
     return 1.0 if torch.cuda.is_available() else 0.0
 
 
-def _key_env(api_key_env: str | None) -> dict:
-    """Replicas see the environment of the cluster, not of this process: a cluster started before the key
-    was exported (or on another host) would serve without it. Ship the key along, when this process has it."""
-    key = os.environ.get(api_key_env) if api_key_env else None
-    return {"runtime_env": {"env_vars": {api_key_env: key}}} if key else {}
-
-
 def model_server(model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024, *,
                  tracking_uri: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02,
                  min_replicas: int = 1, max_replicas: int = 1, target_ongoing_requests: float = 8.0,
-                 gpus_per_replica: float = 0):
-    """The bound ModelServer, with batching, autoscaling and GPU options applied."""
-    deployment = ModelServer.options(
+                 gpus_per_replica: float = 0, server=ModelServer, **extra):
+    """The bound ModelServer (or `server`, a subclass, with its `extra` arguments), with batching, autoscaling
+    and GPU options applied."""
+    deployment = server.options(
         ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": replica_gpus(gpus_per_replica)},
         # Enough in flight to fill one batch while the one before generates.
         max_ongoing_requests=max(2 * max_batch_size, int(2 * target_ongoing_requests)),
@@ -387,20 +464,26 @@ def model_server(model: str, template: str, max_tokens_limit: int = 256, max_pro
                             "target_ongoing_requests": target_ongoing_requests},
     )
     return deployment.bind(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size,
-                           batch_wait_timeout_s)
+                           batch_wait_timeout_s, **extra)
 
 
-def _router_deployment(served_name: str, max_tokens_limit: int, api_key_env: str | None, **extra):
-    config = {"served_name": served_name, "max_tokens_limit": max_tokens_limit, "api_key_env": api_key_env, **extra}
-    return Router.options(user_config=config, ray_actor_options={"num_cpus": 0, **_key_env(api_key_env)})
+def _router_deployment(served_name: str, max_tokens_limit: int, api_key_env: str | None, max_request_bytes: int,
+                       **extra):
+    # Replicas see the environment of the cluster, not of this process: a cluster started before the key was
+    # exported (or on another host) would serve without it. So the key's digest travels along in user_config:
+    # never the key itself, which Ray writes into its logs (runtime_env env_vars) and its stored configs.
+    key = os.environ.get(api_key_env) if api_key_env else None
+    config = {"served_name": served_name, "max_tokens_limit": max_tokens_limit, "api_key_env": api_key_env,
+              "api_key_sha256": key_digest(key) if key else None, "max_request_bytes": max_request_bytes, **extra}
+    return Router.options(user_config=config, ray_actor_options={"num_cpus": 0})
 
 
 def build_app(model: str, served_name: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
-              api_key_env: str | None = None, **options):
+              api_key_env: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES, **options):
     """One application for `serve.run`: the router in front of a ModelServer of `model` (a folder or an
     MLflow URI). `options`: the keyword arguments of `model_server` (batching, autoscaling, GPUs)."""
     server = model_server(model, template, max_tokens_limit, max_prompt_tokens, **options)
-    return _router_deployment(served_name, max_tokens_limit, api_key_env).bind(server)
+    return _router_deployment(served_name, max_tokens_limit, api_key_env, max_request_bytes).bind(server)
 
 
 def build_model_app(model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
@@ -410,15 +493,16 @@ def build_model_app(model: str, template: str, max_tokens_limit: int = 256, max_
 
 
 def build_router_app(served_name: str, max_tokens_limit: int, api_key_env: str | None, active_app: str,
-                     version: str | None = None):
+                     version: str | None = None, max_request_bytes: int = MAX_REQUEST_BYTES):
     """The router alone, sending traffic to the ModelServer of application `active_app`."""
-    return _router_deployment(served_name, max_tokens_limit, api_key_env, active_app=active_app, version=version).bind()
+    return _router_deployment(served_name, max_tokens_limit, api_key_env, max_request_bytes, active_app=active_app,
+                              version=version).bind()
 
 
 def app_builder(args: AppArgs | dict):
     """The application builder of `serve deploy` / `serve run` (import_path: serving.app:app_builder)."""
     a = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     options = a.model_dump(exclude={"model", "served_name", "template", "max_tokens_limit", "max_prompt_tokens",
-                                    "api_key_env"})
+                                    "api_key_env", "max_request_bytes"})
     return build_app(a.model, a.served_name, a.template, a.max_tokens_limit, a.max_prompt_tokens, a.api_key_env,
-                     **options)
+                     a.max_request_bytes, **options)

@@ -40,6 +40,8 @@ from tasks.models import encode_prompt
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 CACHE_ENV = "TUNELINE_MODEL_CACHE"
+# A temperature this low samples the argmax anyway, and dividing logits by it overflows to inf (NaN probabilities).
+GREEDY_BELOW = 1e-4
 
 
 class ModelError(RuntimeError):
@@ -64,34 +66,35 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "tuneline-models")
 
 
-def _hf_folder(root: Path) -> Path:
+def _hf_folder(root: Path, must_hold: str = "config.json") -> Path:
     """The Hugging Face folder in a downloaded artifact: the root itself (a registered folder), or
     `model/` of MLflow's transformers flavor, whose tokenizer files sit in components/tokenizer."""
-    if (root / "config.json").exists():
+    if (root / must_hold).exists():
         return root
     model_dir = root / "model"
-    if (model_dir / "config.json").exists():
+    if (model_dir / must_hold).exists():
         tokenizer_dir = root / "components" / "tokenizer"
         if tokenizer_dir.is_dir():
             for f in tokenizer_dir.iterdir():
                 if not (model_dir / f.name).exists():
                     shutil.copy2(f, model_dir / f.name)
         return model_dir
-    raise FileNotFoundError(f"{root}: no Hugging Face model in this artifact (no config.json, no model/config.json)")
+    raise FileNotFoundError(f"{root}: no Hugging Face model in this artifact (no {must_hold}, no model/{must_hold})")
 
 
-def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, dict]:
+def resolve_model(model: str, tracking_uri: str | None = None, must_hold: str = "config.json") -> tuple[Path, dict]:
     """A local Hugging Face folder for `model`, and where it came from.
 
     `model` is a folder, a registry URI (`models:/NAME/VERSION`, `models:/NAME@ALIAS`: the alias is
     resolved to its version now, so the version that serves is known) or any other MLflow artifact
     URI. Downloads go to a cache keyed by registry, version and source (TUNELINE_MODEL_CACHE, else
-    the temp dir), so the replicas of one node fetch a version once.
+    the temp dir), so the replicas of one node fetch a version once. `must_hold` is the file that makes
+    the folder what is wanted: adapter_config.json for a PEFT adapter (serving/adapters.py).
     """
     if "://" not in model and not model.startswith("models:/"):
         path = Path(model).expanduser().resolve()
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no Hugging Face model here (no config.json)")
+        if not (path / must_hold).exists():
+            raise FileNotFoundError(f"{path}: no Hugging Face model here (no {must_hold})")
         return path, {"model_uri": str(path), "name": None, "version": None}
 
     import mlflow
@@ -119,7 +122,7 @@ def resolve_model(model: str, tracking_uri: str | None = None) -> tuple[Path, di
         tmp.mkdir(parents=True)
         try:
             root = _download(fetch, tmp, uri)
-            (tmp / ".tuneline-complete").write_text(str(_hf_folder(root).relative_to(tmp)))
+            (tmp / ".tuneline-complete").write_text(str(_hf_folder(root, must_hold).relative_to(tmp)))
             try:
                 os.replace(tmp, dest)
             except OSError:  # another replica of this node finished first: use its copy
@@ -171,7 +174,7 @@ class _RowSampler(LogitsProcessor):
             rows = torch.tensor(self.no_eos, device=scores.device)[:, None]
             scores[rows, torch.tensor(self.eos_ids, device=scores.device)[None, :]] = -float("inf")
         for i, job in enumerate(self.jobs):
-            if job.temperature <= 0:
+            if job.temperature < GREEDY_BELOW:
                 continue
             probs = torch.softmax(scores[i].float() / job.temperature, dim=-1)
             if job.top_p < 1:

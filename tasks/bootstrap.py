@@ -3,7 +3,8 @@
 Writes a generated instruction dataset (word-list transformations, so exact
 match and ROUGE both mean something: an answer is right, or partly right word
 by word) and a small random-init Llama with a BPE tokenizer trained on that
-corpus. Deterministic for a given seed.
+corpus. Deterministic for a given seed. Asked for (bootstrap.preference_*),
+also preference pairs for DPO: the right answer chosen, a wrong one rejected.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ import json
 import random
 from pathlib import Path
 
-from tasks.atomic import atomic_dir
+from tasks.atomic import atomic_dir, write_text
 from tasks.config import Bootstrap, Params, TinyModel
-from tasks.formats import ALPACA_HEADER, CHATML_JINJA, CHATML_SPECIAL
+from tasks.formats import ALPACA_HEADER, CHATML_JINJA, CHATML_SPECIAL, to_messages
 
 CATEGORIES = {
     "animal": "tiger falcon raven rabbit dragon horse eagle otter".split(),
@@ -54,9 +55,9 @@ INSTRUCTIONS = {
 }
 
 
-def generate_records(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
-    """n instruction records, none of whose (instruction, input) is in `taken`; adds theirs."""
-    out: list[dict] = []
+def _tasks(n: int, rng: random.Random, taken: set[str]) -> list[tuple[dict, str, str, list[str]]]:
+    """n (instruction record, kind, category, words), none of whose (instruction, input) is in `taken`; adds theirs."""
+    out: list[tuple[dict, str, str, list[str]]] = []
     while len(out) < n:
         kind, cat, words = _draw(rng)
         article = "an" if cat[0] in "aeiou" else "a"
@@ -65,8 +66,30 @@ def generate_records(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
         key = f"{record['instruction']}|{record['input']}"
         if key not in taken:
             taken.add(key)
-            out.append(record)
+            out.append((record, kind, cat, words))
     return out
+
+
+def generate_records(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
+    """n instruction records, none of whose (instruction, input) is in `taken`; adds theirs."""
+    return [record for record, *_ in _tasks(n, rng, taken)]
+
+
+def wrong_answer(kind: str, cat: str, words: list[str], rng: random.Random) -> str:
+    """A wrong answer as long in words as the right one, so that log-probabilities compare answers, not lengths."""
+    right = answer(kind, cat, words)
+    if kind == "count":
+        return rng.choice([w for w in NUMBER_WORDS[1:] if w != right])
+    distractors = [w for w in words if w not in CATEGORIES[cat]]
+    picked = right.split()  # which: the one word; list: every word of the category, one of them swapped
+    picked[rng.randrange(len(picked))] = rng.choice(distractors)
+    return " ".join(picked)
+
+
+def preference_records(n: int, rng: random.Random, taken: set[str]) -> list[dict]:
+    """n DPO pairs: the user's message as the prompt, the right answer chosen, a wrong one rejected."""
+    return [{"prompt": to_messages(record, "instruction")[0]["content"], "chosen": record["output"],
+             "rejected": wrong_answer(kind, cat, words, rng)} for record, kind, cat, words in _tasks(n, rng, taken)]
 
 
 def pretraining_text(rng: random.Random) -> str:
@@ -77,7 +100,7 @@ def pretraining_text(rng: random.Random) -> str:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def build_tokenizer(corpus: list[str], vocab_size: int):
@@ -156,8 +179,12 @@ def pretrain(model, tokenizer, cfg: Bootstrap) -> float:
     return loss.item()
 
 
+# They only add files beside the data: asking for pairs must not rebuild the base model.
+PREFERENCE_KNOBS = {"preference_train_records", "preference_eval_records"}
+
+
 def _stamp(cfg: Bootstrap) -> str:
-    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+    return json.dumps(cfg.model_dump(mode="json", exclude=PREFERENCE_KNOBS), sort_keys=True)
 
 
 def up_to_date(cfg: Bootstrap) -> bool:
@@ -167,10 +194,24 @@ def up_to_date(cfg: Bootstrap) -> bool:
             and (cfg.data_dir / "train.jsonl").exists() and (cfg.data_dir / "eval.jsonl").exists())
 
 
+def write_preference(cfg: Bootstrap) -> dict:
+    """When asked, data_dir/preference_{train,eval}.jsonl: pairs whose prompts occur in no other file."""
+    counts = {"train": cfg.preference_train_records, "eval": cfg.preference_eval_records}
+    if not any(counts.values()):
+        return {}
+    rng, taken = random.Random(cfg.seed), set()
+    for n in (cfg.train_records, cfg.eval_records):  # run's draws again, to take the instruction prompts
+        generate_records(n, rng, taken)
+    for split, n in counts.items():
+        if n:
+            _write_jsonl(cfg.data_dir / f"preference_{split}.jsonl", preference_records(n, rng, taken))
+    return {f"preference_{split}_records": n for split, n in counts.items()}
+
+
 def run(params: Params) -> dict:
     cfg = params.bootstrap
     if up_to_date(cfg):
-        return {"skipped": "outputs are up to date"}
+        return {"skipped": "outputs are up to date", **write_preference(cfg)}
     rng = random.Random(cfg.seed)
     taken: set[str] = set()
     train = generate_records(cfg.train_records, rng, taken)
@@ -193,7 +234,7 @@ def run(params: Params) -> dict:
         (tmp / "bootstrap.json").write_text(_stamp(cfg), encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
     return {"train_records": len(train), "eval_records": len(evals), "model_params": n_params,
-            "vocab_size": len(tokenizer), "pretrain_loss": round(loss, 4)}
+            "vocab_size": len(tokenizer), "pretrain_loss": round(loss, 4), **write_preference(cfg)}
 
 
 if __name__ == "__main__":

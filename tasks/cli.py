@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from tasks.config import DEFAULT_PARAMS, load_params
+from tasks.config import DEFAULT_PARAMS, file_overrides, load_params
 from tasks.errors import TunelineError
 from tasks.stage import ALL_STAGES, guarded, quiet_libraries, run_stage
 
@@ -33,6 +33,9 @@ RemoteOpt = Annotated[str | None, typer.Option("--remote", "-r", help="DVC remot
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", metavar="KEY=VALUE",
                                                   help="override a params key, e.g. train.epochs=2; repeatable")]
+OverridesOpt = Annotated[Path | None, typer.Option(
+    "--overrides", "-o", help="YAML file of params keys to override, nested as in params.yaml or dotted (e.g. "
+    "reports/sweep_best.yaml from `tuneline sweep`); --set applies after it")]
 
 
 def _exit(code: int) -> None:
@@ -75,12 +78,12 @@ def run_pipeline(params_path: Path, overrides: list[str]) -> None:
 
 
 @app.command()
-def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None,
+def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None, overrides: OverridesOpt = None,
         prefect: Annotated[bool, typer.Option("--prefect/--no-prefect", help="run as the Prefect flow `finetune` "
                                               "(stage cache, retries, run report), or plainly")] = True) -> None:
     """Run every stage in order: bootstrap, validate, tokenize, train, evaluate, gate, merge, deploy."""
     quiet_libraries()
-    _exit(guarded(lambda: (run_flow if prefect else run_pipeline)(params, set_ or [])))
+    _exit(guarded(lambda: (run_flow if prefect else run_pipeline)(params, file_overrides(overrides) + (set_ or []))))
 
 
 @app.command()
@@ -89,6 +92,20 @@ def stage(name: Annotated[str, typer.Argument(help="one of: " + ", ".join(ALL_ST
     """Run one stage (its inputs must exist: earlier stages ran before)."""
     quiet_libraries()
     _exit(guarded(lambda: run_stage(name, load_params(params, set_ or []))))
+
+
+@app.command()
+def sweep(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
+    """Search learning rate, LoRA r/alpha and batch size with Optuna (params `sweep`): short trials scored by eval
+    loss, each an MLflow child run; the best trial's values go to sweep.best_path, for `tuneline run --overrides`."""
+    quiet_libraries()
+
+    def search() -> None:
+        from tasks.sweep import run as run_sweep
+
+        typer.echo(run_sweep(load_params(params, set_ or []))["line"])
+
+    _exit(guarded(search))
 
 
 @app.command()
@@ -105,9 +122,11 @@ def estimate(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
 
 @app.command()
 def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files to check")],
-             format: Annotated[str | None, typer.Option(help="instruction | chat | completion "
+             format: Annotated[str | None, typer.Option(help="instruction | chat | completion | preference "
                                                         "(default: data.format from params)")] = None,
-             params: ParamsOpt = DEFAULT_PARAMS) -> None:
+             params: ParamsOpt = DEFAULT_PARAMS,
+             eval_: Annotated[Path | None, typer.Option("--eval", help="an eval file: checked too, and against "
+                                                        "the one train PATH for train/eval overlap")] = None) -> None:
     """Check data files alone (no outputs written): the first problem is reported by file, line and field."""
     quiet_libraries()
 
@@ -116,11 +135,12 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
 
         cfg = load_params(params) if params.exists() else None
         fmt = format or (cfg.data.format if cfg else "instruction")
-        if fmt not in ("instruction", "chat", "completion"):
-            raise TunelineError(f"--format {fmt!r}: must be instruction, chat or completion")
+        if fmt not in ("instruction", "chat", "completion", "preference"):
+            raise TunelineError(f"--format {fmt!r}: must be instruction, chat, completion or preference")
         from tasks.config import Validate
 
-        counts = validate_paths(paths, fmt, cfg.validate_ if cfg else Validate())
+        counts = validate_paths(paths, fmt, cfg.validate_ if cfg else Validate(), cfg.data.root if cfg else None,
+                                eval_)
         for path, n in counts.items():
             typer.echo(f"ok: {path}: {n} {fmt} records")
 

@@ -6,6 +6,7 @@ any work starts, with the dotted key and the rule that was broken.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -56,6 +57,9 @@ class Bootstrap(_Section):
     data_dir: Path = Path("data/raw")
     model_dir: Path = Path("models/base")
     model: TinyModel = TinyModel()
+    # Asked for only (0: none): prompt/chosen/rejected pairs in data_dir/preference_{train,eval}.jsonl for DPO.
+    preference_train_records: int = Field(0, ge=0)
+    preference_eval_records: int = Field(0, ge=0)
 
 
 class ModelSpec(_Section):
@@ -70,12 +74,14 @@ class ModelSpec(_Section):
 class Data(_Section):
     train_path: PathOrURI = Path("data/raw/train.jsonl")  # or s3://bucket/key (tasks/remote.py)
     eval_path: PathOrURI | None = Path("data/raw/eval.jsonl")
-    format: Literal["instruction", "chat", "completion"] = "instruction"
+    format: Literal["instruction", "chat", "completion", "preference"] = "instruction"  # preference: DPO's pairs
     template: Literal["alpaca", "chatml", "tokenizer"] = "alpaca"
     max_seq_length: int = Field(160, gt=8)
     eval_split: float = Field(0.1, gt=0, lt=1, description="held out from train when eval_path is null")
     validated_dir: Path = Path("data/validated")
     tokenized_dir: Path = Path("data/tokenized")
+    root: Path | None = Field(None, description="local train/eval files must lie inside this folder, symlinks "
+                                                "followed; null: the current folder (the project)")
 
 
 class Validate(_Section):
@@ -85,7 +91,8 @@ class Validate(_Section):
 
 
 class Lora(_Section):
-    method: Literal["lora", "dora", "full"] = "lora"
+    method: Literal["lora", "qlora", "dora", "full"] = Field(
+        "lora", description="qlora: LoRA over the base held in 4-bit NF4 (bitsandbytes), computing in bf16")
     r: int = Field(16, gt=0)
     alpha: int = Field(32, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -116,10 +123,24 @@ class Train(_Section):
     gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on when a GPU trains")
     bf16: bool | Literal["auto"] = Field("auto", description="auto: on when the GPU supports it")
     loss_spike_factor: float = Field(3.0, gt=1, description="warn when a logged loss exceeds its running mean by this")
-    packing: bool | Literal["auto"] = Field("auto", description="padding-free batches; auto: on when a GPU trains")
+    packing: bool | Literal["auto"] = Field("auto", description="padding-free batches; auto: on when compiled")
     chunked_loss: bool | Literal["auto"] = Field("auto", description="no vocabulary-wide fp32 logits; auto: GPU")
     loss_chunk_tokens: int = Field(4096, gt=0, description="tokens scored at once by the chunked loss")
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto: on a GPU")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto: on a GPU, not QLoRA")
+    method: Literal["sft", "dpo"] = Field("sft", description="dpo: preference tuning of an SFT adapter (tasks/dpo.py)")
+    dpo_from: Path = Field(Path("models/adapter"), description="the SFT adapter DPO starts from and is anchored to")
+    dpo_beta: float = Field(0.1, gt=0, description="how far DPO may move from the SFT adapter: higher, less")
+    dpo_loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "nca_pair", "sppo_hard", "apo_zero", "apo_down",
+                           "sigmoid_norm"] = Field("sigmoid", description="TRL's DPO loss; sigmoid: the DPO paper's")
+    checkpoint_skip_layers: int = Field(0, ge=0, description="the last N layers keep their activations instead of "
+                                        "recomputing them under gradient checkpointing: faster, more memory")
+
+    @model_validator(mode="after")
+    def _dpo_keeps_its_start(self) -> Train:
+        if self.method == "dpo" and self.output_dir.resolve() == self.dpo_from.resolve():
+            raise ValueError(f"output_dir and dpo_from are both {self.dpo_from}: DPO would overwrite the SFT adapter "
+                             "it starts from; set train.output_dir to another folder, e.g. models/adapter-dpo")
+        return self
 
 
 class DeepSpeed(_Section):
@@ -173,12 +194,38 @@ class Registry(_Section):
         "tracking server a folder is not used: the server stores artifacts; null: the store's default"))
     experiment: str = "tuneline"
     model_name: str = Field("tuneline-default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    tracking_wait_s: float = Field(120, ge=0, description=(
+        "how long a stage waits for an http(s) tracking server that does not answer (at its start, and at its end "
+        "for the metrics it kept meanwhile) before failing"))
 
 
 class Merge(_Section):
     output_dir: Path = Path("models/merged")
     check_atol: float = Field(1e-3, gt=0, description="max |logit difference| merged vs adapter")
     check_inputs: int = Field(4, gt=0)
+
+
+class ServedAdapter(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$", description="the `model` that requests name")
+    source: str = Field(min_length=1, description="models:/NAME/VERSION or models:/NAME@ALIAS (MLflow registry), "
+                                                 "or a PEFT adapter folder")
+
+
+class ServingAdapters(_Section):
+    """LoRA adapters served over one shared base on one replica set (serving/adapters.py)."""
+
+    base: str | None = Field(None, description="the base model the adapters were trained on; null: model.base")
+    base_name: str = Field("base", min_length=1, description="the `model` that asks the base itself, adapters off")
+    max_loaded: int = Field(4, gt=0, description="adapters loaded at once per replica; the least recently used goes")
+    served: list[ServedAdapter] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> ServingAdapters:
+        names = [a.name for a in self.served]
+        clash = sorted({n for n in names if names.count(n) > 1} | ({self.base_name} & set(names)))
+        if clash:
+            raise ValueError(f"adapter names must differ from each other and from base_name: {', '.join(clash)}")
+        return self
 
 
 class Serving(_Section):
@@ -189,6 +236,7 @@ class Serving(_Section):
     max_tokens_limit: int = Field(256, gt=0)
     max_prompt_tokens: int = Field(1024, gt=0)
     api_key_env: str | None = Field(None, description="name of the env var holding the API key")
+    max_request_bytes: int = Field(1 << 20, gt=0, description="a larger request body gets 413, unparsed")
     health_timeout_s: float = Field(180, gt=0)
     max_batch_size: int = Field(8, gt=0, description="requests generated together by one replica (@serve.batch)")
     batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill up")
@@ -196,6 +244,7 @@ class Serving(_Section):
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
     gpus_per_replica: float = Field(0, ge=0, description="0: auto, 1 if the cluster has a GPU, else 0")
+    adapters: ServingAdapters = ServingAdapters()
 
     @model_validator(mode="after")
     def _replica_range(self) -> Serving:
@@ -220,6 +269,52 @@ class Orchestration(_Section):
                                                         "tracking URI if http(s), else mlflow ui's address")
 
 
+class LogRange(_Section):
+    """A range sampled log-uniformly."""
+
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LogRange:
+        if self.high <= self.low:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+Choices = list[Annotated[int, Field(gt=0)]]
+
+
+class Sweep(_Section):
+    """`tuneline sweep`: Optuna trials (TPE, median pruning on eval loss) over learning rate, LoRA r/alpha and
+    batch size; the best trial's values become an overrides file for `tuneline run --overrides`."""
+
+    n_trials: int = Field(8, gt=0)
+    parallel: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="trials at once, each in its own process; auto: one per visible GPU, else 1")
+    seed: int = Field(0, description="seeds the TPE sampler")
+    learning_rate: LogRange = LogRange(low=5e-4, high=2e-2)
+    lora_r: Choices = Field(default_factory=lambda: [4, 8, 16, 32], min_length=1)
+    lora_alpha: Annotated[Choices, Field(min_length=1)] | Literal["2r"] = Field(
+        "2r", description="choices, or 2r: twice the trial's r")
+    batch_size: Choices = Field(default_factory=lambda: [8, 16, 32], min_length=1)
+    max_steps: int = Field(200, gt=0, description="training steps of one trial")
+    eval_steps: int = Field(50, gt=0, description="eval loss goes to the pruner every N steps, and at the end")
+    pruning_warmup_steps: int = Field(50, ge=0, description="no trial is pruned before this step")
+    startup_trials: int = Field(3, ge=0, description="trials sampled at random before TPE models the results; "
+                                                     "pruning starts once this many have completed")
+    baseline: bool = Field(True, description="the first trial runs params.yaml's own values, when inside the ranges")
+    study_dir: Path = Field(Path("reports/sweep"), description="the Optuna study (a journal file) and trial plans")
+    best_path: Path = Field(Path("reports/sweep_best.yaml"), description="the best trial's values, for "
+                                                                         "`tuneline run --overrides`")
+
+    @model_validator(mode="after")
+    def _eval_within_trial(self) -> Sweep:
+        if self.eval_steps > self.max_steps:
+            raise ValueError(f"eval_steps ({self.eval_steps}) must not exceed max_steps ({self.max_steps})")
+        return self
+
+
 class Params(_Section):
     reports_dir: Path = Path("reports")
     bootstrap: Bootstrap = Bootstrap()
@@ -236,8 +331,20 @@ class Params(_Section):
     merge: Merge = Merge()
     serving: Serving = Serving()
     orchestration: Orchestration = Orchestration()
+    sweep: Sweep = Sweep()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _dpo_needs_pairs(self) -> Params:
+        # The other way round is allowed: SFT on preference data trains on the chosen answers.
+        if self.train.method == "dpo" and self.data.format != "preference":
+            raise ValueError(f"train.method dpo trains on preference pairs, not on data.format "
+                             f"{self.data.format}: set data.format=preference and point data.train_path and "
+                             "data.eval_path at {prompt, chosen, rejected} records")
+        if self.train.method == "dpo" and self.lora.method == "full":
+            raise ValueError("train.method dpo trains the adapter of an SFT run; lora.method full leaves none")
+        return self
 
     def report(self, name: str) -> Path:
         return self.reports_dir / name
@@ -285,17 +392,40 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
     return ConfigError("\n".join(lines))
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml, apply `KEY=VALUE` overrides, validate everything at once."""
-    path = Path(path)
+def _read_mapping(path: Path, what: str) -> dict:
     if not path.exists():
-        raise ConfigError(f"{path}: params file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return tree
+
+
+def file_overrides(path: Path | str | None) -> list[str]:
+    """A YAML file of params keys, nested as in params.yaml or dotted (e.g. the best trial that `tuneline sweep`
+    wrote), as `KEY=VALUE` overrides; none without a file."""
+    if path is None:
+        return []
+
+    def flat(tree: dict, prefix: str) -> list[str]:
+        pairs = []
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                pairs += flat(value, f"{prefix}{key}.")
+            else:  # JSON is YAML: numbers, strings, lists and null read back as they were
+                pairs.append(f"{prefix}{key}={json.dumps(value, default=str)}")
+        return pairs
+
+    return flat(_read_mapping(Path(path), "overrides file"), "")
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply `KEY=VALUE` overrides, validate everything at once."""
+    path = Path(path)
+    tree = _read_mapping(path, "params file")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     try:

@@ -12,6 +12,7 @@ DVC is run as a command (`python -m dvc`, the interpreter's own), its stable int
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,10 @@ from tasks.errors import TunelineError
 
 def dvc(*args: str, repo: Path | str = ".") -> str:
     """Run `dvc ARGS` in `repo`; its stdout, or a TunelineError with DVC's own message."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True)
+    # AWS's standard retry mode (3 attempts a request, and a retry quota that a dead endpoint soon uses up) makes a
+    # push to an S3 remote that is gone fail in seconds; the legacy default retries each object 5 times, for minutes.
+    env = {"AWS_RETRY_MODE": "standard", **os.environ}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
         detail = "\n".join(lines[-15:]) or f"exit code {proc.returncode}"
@@ -54,15 +58,38 @@ def push(path: Path | str | None = None, *, remote: str | None = None, repo: Pat
     Returns the data hash: PATH's DVC md5 (what `PATH.dvc` records), else `data_hash(repo)`.
     Commit `PATH.dvc` with git afterwards: it is what a clone pulls by.
     """
-    remote_args = ["--remote", remote] if remote else []
     if path is None:
-        dvc("push", *remote_args, repo=repo)
+        _push(remote, repo)
         return data_hash(repo)
     target = Path(path)
     dvc("add", str(target), repo=repo)
     dvc_file = target.with_name(target.name + ".dvc")
-    dvc("push", *remote_args, str(dvc_file), repo=repo)
+    _push(remote, repo, str(dvc_file))
     return out_hash(Path(repo) / dvc_file)
+
+
+def _push(remote: str | None, repo: Path | str, *targets: str) -> None:
+    """`dvc push`; a failure names the remote and says what state it is left in."""
+    try:
+        dvc("push", *(["--remote", remote] if remote else []), *targets, repo=repo)
+    except TunelineError as e:
+        raise TunelineError(
+            f"push to the DVC remote {remote_label(remote, repo)} failed, after the storage client's own retries "
+            "(for S3: AWS_RETRY_MODE, standard unless set, and AWS_MAX_ATTEMPTS). On S3 an upload that breaks off "
+            "stores nothing, so the remote holds no partial object; a push run again when the remote is back sends "
+            f"what is missing.\n{e}") from e
+
+
+def remote_label(remote: str | None, repo: Path | str = ".") -> str:
+    """'NAME' (URL) of the remote a push or pull uses: the named one, else the default."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as r:
+        name = remote or r.config["core"].get("remote")
+        url = r.config["remote"].get(name, {}).get("url") if name else None
+    if name is None:
+        return "(none configured: `dvc remote add -d NAME URL`)"
+    return f"'{name}' ({url})" if url else f"'{name}' (not defined in .dvc/config)"
 
 
 def pull(*, remote: str | None = None, repo: Path | str = ".") -> str:

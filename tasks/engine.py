@@ -24,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from tasks import tracking
 from tasks.errors import TunelineError
 
 log = logging.getLogger("tuneline")
@@ -58,6 +59,10 @@ class TunelineTrainer(Trainer):
         return loss
 
     def _save_checkpoint(self, model, trial):
+        if self.state.global_step >= self.state.max_steps:
+            # The output is saved right after the last step, and transformers trains one step too many when
+            # resumed from a checkpoint at max_steps: a run killed in between resumes from the one before.
+            return
         final = self.args.output_dir
         name = f"checkpoint-{self.state.global_step}"
         staging = os.path.join(final, f".staging-{name}")
@@ -74,6 +79,24 @@ class TunelineTrainer(Trainer):
             shutil.rmtree(staging, ignore_errors=True)
             rotate_checkpoints(output_dir=final, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
+
+
+class SkipCheckpointing(TrainerCallback):
+    """Take the last `layers` decoder layers out of gradient checkpointing once Trainer has turned it on.
+
+    Backward recomputes the forward of every checkpointed layer; memory the fused loss
+    freed can hold some layers' activations instead (train.checkpoint_skip_layers).
+    """
+
+    def __init__(self, layers: int):
+        self.layers = layers
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for layer in checkpointed[max(0, len(checkpointed) - self.layers):]:
+            layer.gradient_checkpointing = False
 
 
 class PreemptionHandler(TrainerCallback):
@@ -133,12 +156,12 @@ class HealthMonitor(TrainerCallback):
             earlier = [json.loads(line) for line in self.journal.read_text().splitlines()]
             self.rows.extend(r for r in earlier if r["step"] <= state.global_step)
             self.journal.write_text("".join(json.dumps(r) + "\n" for r in self.rows), encoding="utf-8")
+            for row in self.rows:  # this attempt's MLflow run gets them too, so its history is whole
+                tracking.log_metrics(_metrics(row), step=row["step"])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs or not state.is_world_process_zero:
             return
-        import mlflow
-
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         rate = (tokens - self.last[1]) / max(now - self.last[0], 1e-9)
         self.last = (now, tokens)
@@ -152,13 +175,18 @@ class HealthMonitor(TrainerCallback):
         self.rows.append(row)
         with open(self.journal, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        metrics = {f"train.{k}": float(v) for k, v in row.items() if k not in ("step", "epoch") and v is not None}
-        mlflow.log_metrics(metrics, step=state.global_step)
+        tags = None
         if self.mean_loss is not None and loss > self.spike_factor * self.mean_loss:
             log.warning(f"train: loss spike at step {state.global_step}: {loss:.4f} is over "
                         f"{self.spike_factor}x the running mean {self.mean_loss:.4f}")
-            mlflow.set_tag("tuneline.loss_spike", f"step {state.global_step}: {loss:.4f}")
+            tags = {"tuneline.loss_spike": f"step {state.global_step}: {loss:.4f}"}
+        # Through tracking's outbox: a tracking server outage does not stop training.
+        tracking.log_metrics(_metrics(row), step=state.global_step, tags=tags)
         self.mean_loss = loss if self.mean_loss is None else 0.9 * self.mean_loss + 0.1 * loss
+
+
+def _metrics(row: dict) -> dict[str, float]:
+    return {f"train.{k}": float(v) for k, v in row.items() if k not in ("step", "epoch") and v is not None}
 
 
 def checkpoint_to_resume(checkpoint_dir: Path, key: str, resume: str, is_main: bool) -> str | None:

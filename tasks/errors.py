@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 from pathlib import Path
 
 
@@ -16,3 +19,28 @@ class DataError(TunelineError):
         self.file, self.line, self.field, self.rule = str(file), line, field, rule
         where = self.file + (f":{line}" if line is not None else "")
         super().__init__(f"{where}: {'field ' + repr(field) + ': ' if field else ''}{rule}")
+
+
+# What "out of room" looks like from a write: disk full, quota exceeded, file-size limit (RLIMIT_FSIZE).
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+class OutOfSpace(TunelineError):
+    """Writing an output ran out of room; names the output."""
+
+
+def os_errno(e: BaseException) -> int | None:
+    """The OS error number of a failed I/O call, also when a Rust library (safetensors) reports it as text."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"\(os error (\d+)\)", str(e))
+    return int(found.group(1)) if found else None
+
+
+def raise_if_out_of_space(e: BaseException, path: Path | str) -> None:
+    """Raise OutOfSpace (from e) when e is a write that ran out of room while writing `path`."""
+    code = os_errno(e)
+    if code in NO_SPACE:
+        raise OutOfSpace(f"{path}: {os.strerror(code)} while writing it; nothing was written there (a previous "
+                         "version stays as it was). Free space on that filesystem (or raise the quota or file-size "
+                         "limit) and run again.") from e

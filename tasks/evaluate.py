@@ -3,8 +3,11 @@
 For each model: perplexity on the eval split's response tokens (teacher
 forcing), then greedy generation on the first `evaluate.num_samples` eval
 prompts scored with ROUGE-1/2/L (rouge-score), BLEU (sacrebleu) and exact
-match. Writes reports/eval.json (the DVC metrics file) and logs a table of
-sample generations to MLflow.
+match. On preference data (DPO) the chosen answer is the reference, and each
+model also gets a win rate (the share of eval pairs whose chosen answer it
+gives a higher log-probability than the rejected one) and the mean log-prob
+margin of chosen over rejected. Writes reports/eval.json (the DVC metrics
+file) and logs a table of sample generations to MLflow.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from pathlib import Path
 from tasks import registry, tracking
 from tasks.atomic import write_json
 from tasks.config import Params
-from tasks.formats import render, stop_strings
+from tasks.formats import render, stop_strings, with_rejected_answer
 from tasks.models import encode_prompt, load_model, load_tokenizer
 
 METRIC_KEYS = {"perplexity": ["perplexity"], "rouge": ["rouge_1", "rouge_2", "rouge_l"],
@@ -51,24 +54,52 @@ def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
     return out
 
 
-def perplexity(model, tokenizer, examples, batch_size: int) -> float:
-    """exp(mean NLL) over the response tokens of tokenized eval examples."""
+def response_nll(model, tokenizer, examples, batch_size: int) -> tuple[list[float], list[int]]:
+    """Per tokenized example: the summed NLL of its response tokens (teacher forcing) and their count."""
     import torch
     from transformers import DataCollatorForSeq2Seq
 
     collate = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     tokenizer.padding_side = "right"
-    total_nll, total_tokens = 0.0, 0
+    nlls: list[float] = []
+    counts: list[int] = []
     for i in range(0, len(examples), batch_size):
         batch = collate([examples[j] for j in range(i, min(i + batch_size, len(examples)))]).to(model.device)
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                                                ignore_index=-100, reduction="sum")
-        total_nll += nll.item()
-        total_tokens += int((labels != -100).sum())
-    return math.exp(total_nll / max(total_tokens, 1))
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels,
+                                                ignore_index=-100, reduction="none")
+        nlls += nll.sum(dim=1).tolist()
+        counts += (labels != -100).sum(dim=1).tolist()
+    return nlls, counts
+
+
+def perplexity(model, tokenizer, examples, batch_size: int) -> float:
+    """exp(mean NLL) over the response tokens of tokenized eval examples."""
+    nlls, counts = response_nll(model, tokenizer, examples, batch_size)
+    return math.exp(sum(nlls) / max(sum(counts), 1))
+
+
+def preference_pairs(records: list[dict], params: Params, tokenizer) -> tuple[list[dict], list[dict]]:
+    """Preference records tokenized as tokenize tokenizes an answer: (chosen examples, rejected examples)."""
+    from tasks.tokenize import encode
+
+    def example(record: dict) -> dict:
+        return {k: v for k, v in encode(record, params, tokenizer).items()
+                if k in ("input_ids", "attention_mask", "labels")}
+
+    return [example(r) for r in records], [example(with_rejected_answer(r)) for r in records]
+
+
+def preference_scores(model, tokenizer, pairs: tuple[list[dict], list[dict]], batch_size: int) -> dict[str, float]:
+    """win_rate: the share of pairs where sum log p(chosen | prompt) > sum log p(rejected | prompt), a tie no
+    win; logp_margin: the mean of log p(chosen | prompt) - log p(rejected | prompt), the size of the preference."""
+    chosen, _ = response_nll(model, tokenizer, pairs[0], batch_size)
+    rejected, _ = response_nll(model, tokenizer, pairs[1], batch_size)
+    n = max(len(chosen), 1)
+    return {"win_rate": sum(c < r for c, r in zip(chosen, rejected, strict=True)) / n,
+            "logp_margin": sum(r - c for c, r in zip(chosen, rejected, strict=True)) / n}
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -88,13 +119,16 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
     return {**{k: v / n for k, v in rouge.items()}, "bleu": bleu, "exact_match": exact}
 
 
-def score_model(model, tokenizer, params: Params, prompts, references, examples) -> tuple[dict, list[str]]:
+def score_model(model, tokenizer, params: Params, prompts, references, examples,
+                pairs=None) -> tuple[dict, list[str]]:
     model.eval()
     wanted = params.evaluate.metrics
     metrics: dict[str, float] = {}
     predictions: list[str] = []
     if "perplexity" in wanted:
         metrics["perplexity"] = perplexity(model, tokenizer, examples, params.evaluate.batch_size)
+    if pairs is not None:
+        metrics.update(preference_scores(model, tokenizer, pairs, params.evaluate.batch_size))
     if set(wanted) - {"perplexity"}:
         predictions = generate(model, tokenizer, prompts, params)
         scores = text_scores(predictions, references)
@@ -130,6 +164,7 @@ def run(params: Params) -> dict:
                                 for r in records), strict=True)
     stops = stop_strings(params.data.template)
     references = [cut_at_stops(r, stops) for r in references]
+    pairs = preference_pairs(records, params, tokenizer) if params.data.format == "preference" else None
 
     models = {"candidate": load_candidate}
     if params.evaluate.compare_base:
@@ -140,13 +175,13 @@ def run(params: Params) -> dict:
     generations: dict[str, list[str]] = {}
     for name, loader in models.items():
         report[name], generations[name] = score_model(loader(params), tokenizer, params, list(prompts),
-                                                      references, examples)
+                                                      references, examples, pairs)
     if champion is not None:
         with tempfile.TemporaryDirectory() as tmp:
             path = registry.fetch(params, champion, Path(tmp))
             report["champion"], generations["champion"] = score_model(
                 load_model(params, path=path), load_tokenizer(params, path=path), params,
-                list(prompts), references, examples)
+                list(prompts), references, examples, pairs)
     else:
         report["champion"] = None
 

@@ -14,6 +14,8 @@ FIELDS: dict[str, dict[str, tuple[bool, type]]] = {
     "instruction": {"instruction": (True, str), "input": (False, str), "output": (True, str)},
     "chat": {"messages": (True, list)},
     "completion": {"prompt": (True, str), "completion": (True, str)},
+    # DPO's pairs: `prompt` is the user's message, rendered with data.template like an instruction.
+    "preference": {"prompt": (True, str), "chosen": (True, str), "rejected": (True, str)},
 }
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -38,6 +40,8 @@ def to_messages(record: dict[str, Any], fmt: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
     if fmt == "chat":
         return [{"role": m["role"], "content": m["content"]} for m in record["messages"]]
+    if fmt == "preference":  # its answer is the chosen one: what SFT metrics and perplexity measure
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["chosen"]}]
     raise ValueError(f"format {fmt!r} has no conversation form")
 
 
@@ -78,3 +82,8 @@ def render(record: dict[str, Any], fmt: str, template: str, tokenizer=None) -> t
 def stop_strings(template: str) -> list[str]:
     """Text that ends an answer under a template, besides the tokenizer's EOS."""
     return ["<|im_end|>"] if template == "chatml" else []
+
+
+def with_rejected_answer(record: dict[str, Any]) -> dict[str, Any]:
+    """A preference record whose answer is the rejected one, to render or tokenize as its chosen is."""
+    return {**record, "chosen": record["rejected"]}

@@ -2,23 +2,48 @@
 
 With a 128k vocabulary, the logits of one 8 x 2048 batch are 2.1e9 floats: 8 GiB in
 fp32, more than the rest of a LoRA step. Here the final hidden states are
-projected and scored a chunk of tokens at a time, each chunk under activation
-checkpointing, so forward and backward hold one chunk's logits at once.
+projected and scored a chunk of tokens at a time, and each chunk's gradient is
+computed in the same pass (softmax minus one-hot, times the head), as Liger's fused
+linear cross-entropy does: one chunk's logits live at a time, and backward only
+scales the stored gradients instead of running the vocabulary projection twice more.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE = -100
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = hidden.to(weight.dtype) @ weight.t()  # the recompute in backward runs outside autocast
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits are scored in fp32
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden` [N, H] under `weight` [V, H] against `labels` [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_tokens: int):
+        exact = torch.promote_types(weight.dtype, torch.float32)  # bf16 logits are scored in fp32
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=exact) if weight.requires_grad else None
+        total = torch.zeros((), dtype=exact, device=hidden.device)
+        for start in range(0, labels.numel(), chunk_tokens):
+            h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
+            logits = (h.to(weight.dtype) @ weight.t()).to(exact)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # in place: the chunk's logits become d(loss)/d(logits)
+            probs[torch.arange(y.numel(), device=y.device), y] -= 1
+            probs = probs.to(weight.dtype)
+            grad_hidden[start:start + chunk_tokens] = (probs @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += probs.t() @ h.to(weight.dtype)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_w = None if grad_weight is None else (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_w, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -33,10 +58,7 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     y = labels[:, 1:].reshape(-1)
     keep = y != IGNORE
     h, y = h[keep], y[keep]  # score only the tokens that count
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, y.numel(), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_loss, h[part], weight, y[part], use_reentrant=False)
+    total = _LinearCrossEntropy.apply(h, weight, y, chunk_tokens)
     return total / (num_items if num_items is not None else max(y.numel(), 1))
 
 
@@ -51,6 +73,8 @@ def install(model, chunk_tokens: int):
     causal_lm.lm_head = torch.nn.Identity()
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
+        if head.weight.device != outputs.logits.device:  # out of the model, the head missed Trainer's move
+            head.to(outputs.logits.device)
         return chunked_cross_entropy(outputs.logits, head.weight, labels, chunk_tokens, num_items_in_batch)
 
     def restore() -> None:

@@ -1,16 +1,22 @@
 """Loading base models and tokenizers the same way in every stage.
 
 Safetensors only, and `trust_remote_code` only when params say so: a model
-directory is code as much as data.
+directory is code as much as data. `check_base` enforces both, and that
+data.max_seq_length fits the model, from config.json and file names alone,
+before the first load (tokenize's tokenizer) reads any weights or runs any code.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tasks import remote
 from tasks.config import Params
 from tasks.errors import TunelineError
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load unpickles: loading one can run code
 
 
 def _source(params: Params) -> tuple[str, dict]:
@@ -18,13 +24,65 @@ def _source(params: Params) -> tuple[str, dict]:
     if remote.is_remote(spec.base):  # s3://bucket/prefix: a local copy of the folder (tasks/remote.py)
         if spec.revision:
             raise TunelineError(f"model.revision: for Hugging Face ids only, not for {spec.base!r}")
-        return str(remote.local_path(spec.base)), {"trust_remote_code": spec.trust_remote_code}
-    if not Path(spec.base).exists() and (spec.base.startswith((".", "/", "~")) or spec.base.count("/") > 1):
-        raise TunelineError(f"model.base: no folder {spec.base!r}, and it is no Hugging Face id (org/name)")
-    kwargs: dict = {"trust_remote_code": spec.trust_remote_code}
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    return spec.base, kwargs
+        name, kwargs = str(remote.local_path(spec.base)), {"trust_remote_code": spec.trust_remote_code}
+    else:
+        if not Path(spec.base).exists() and (spec.base.startswith((".", "/", "~")) or spec.base.count("/") > 1):
+            raise TunelineError(f"model.base: no folder {spec.base!r}, and it is no Hugging Face id (org/name)")
+        name, kwargs = spec.base, {"trust_remote_code": spec.trust_remote_code}
+        if spec.revision:
+            kwargs["revision"] = spec.revision
+    check_base(params, name)
+    return name, kwargs
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TunelineError(f"model.base: cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise TunelineError(f"model.base: {path} must hold a JSON object")
+    return config
+
+
+def _configs(name: str, revision: str | None) -> dict[str, dict]:
+    """{file: its JSON} of config.json and tokenizer_config.json; a folder's must be safetensors-only."""
+    folder = Path(name)
+    if folder.is_file():
+        raise TunelineError(f"model.base: {folder} is a file; a local base model is a Hugging Face model folder")
+    if not folder.exists():  # a Hugging Face id: config.json alone is fetched (or read from the cache)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return {f"{name}/config.json": _read_json(Path(hf_hub_download(name, "config.json", revision=revision)))}
+        except (OSError, ValueError, EntryNotFoundError) as e:
+            raise TunelineError(f"model.base: cannot fetch config.json of {name!r}: {e}") from None
+    if not (folder / "config.json").is_file():
+        raise TunelineError(f"model.base: {folder} has no config.json: not a Hugging Face model folder")
+    files = sorted(p.name for p in folder.iterdir())
+    if not any(f.endswith(".safetensors") for f in files):
+        pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+        raise TunelineError(f"model.base: {folder} has no *.safetensors weights" + (
+            f", only {', '.join(pickles)}" if pickles else "") + "; only safetensors are loaded (pickled weights "
+            "can run code): convert them with save_pretrained(..., safe_serialization=True)")
+    return {str(folder / f): _read_json(folder / f) for f in ("config.json", "tokenizer_config.json")
+            if (folder / f).is_file()}
+
+
+def check_base(params: Params, name: str) -> None:
+    """Refuse the base model `name` (a local folder or a hub id) by params key and rule, before it loads."""
+    configs = _configs(name, params.model.revision)
+    for file, config in configs.items():
+        custom = sorted(config.get("auto_map") or {})
+        if custom and not params.model.trust_remote_code:
+            raise TunelineError(f"model.trust_remote_code: is false, and {name} needs code of its own ({file} "
+                                f"auto_map: {', '.join(custom)}); set it to true only if you trust that code")
+    file, config = next(iter(configs.items()))  # config.json comes first
+    key = next((k for k in POSITION_KEYS if isinstance(config.get(k), int)), None)
+    if key and params.data.max_seq_length > config[key]:
+        raise TunelineError(f"data.max_seq_length: {params.data.max_seq_length} is above the base model's {key} "
+                            f"{config[key]} ({file}); at most {config[key]}")
 
 
 def load_tokenizer(params: Params, path: str | Path | None = None):
@@ -40,8 +98,13 @@ def load_tokenizer(params: Params, path: str | Path | None = None):
     return tok
 
 
-def load_model(params: Params, path: str | Path | None = None, dtype=None, attn_implementation: str | None = None):
-    """A causal LM from model.base (or an explicit local path), weights from safetensors only."""
+def load_model(params: Params, path: str | Path | None = None, dtype=None, attn_implementation: str | None = None,
+               quantize: bool = False):
+    """A causal LM from model.base (or an explicit local path), weights from safetensors only.
+
+    `quantize`: the linear layers in 4-bit NF4 with double quantization (QLoRA's base), computing in
+    bf16 where the device has it; embeddings and the vocabulary head stay as they are.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -49,6 +112,14 @@ def load_model(params: Params, path: str | Path | None = None, dtype=None, attn_
     if dtype is None:
         dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[params.model.dtype]
+    if quantize:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        dtype = compute if dtype == "auto" else dtype
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
     try:
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation

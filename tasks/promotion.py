@@ -192,7 +192,8 @@ def _router_app(params: Params, served_name: str, active_app: str, version: str)
     from serving.app import build_router_app
 
     s = params.serving
-    return build_router_app(served_name, s.max_tokens_limit, s.api_key_env, active_app, version)
+    return build_router_app(served_name, s.max_tokens_limit, s.api_key_env, active_app, version,
+                            max_request_bytes=s.max_request_bytes)
 
 
 def _check_key(params: Params) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.config import DEFAULT_PARAMS, Params, load_params
-from tasks.errors import TunelineError
+from tasks.errors import NO_SPACE, TunelineError, os_errno
 
 # The DAG, in order. dvc.yaml and the Prefect flow must list the same stages (a test checks).
 STAGES = ["validate", "tokenize", "train", "evaluate", "gate", "merge", "deploy"]
@@ -56,11 +56,17 @@ def run_stage(name: str, params: Params) -> dict:
 
 
 def guarded(fn: Callable[[], object]) -> int:
-    """Run fn; a TunelineError becomes one line on stderr and exit code 1."""
+    """Run fn; a TunelineError, or running out of disk space anywhere, becomes one line on stderr and exit code 1."""
     try:
         fn()
     except TunelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os_errno(e) not in NO_SPACE:
+            raise
+        print(f"error: out of disk space (or over a quota or file-size limit): {e}. Free space and run again; "
+              "outputs are replaced by renames, so the previous ones are unchanged.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: outputs of the interrupted stage were not written", file=sys.stderr)

@@ -5,28 +5,47 @@ stages through TUNELINE_MLFLOW_RUN_ID. Under `dvc repro` each stage is its own
 process: `train` opens the run (a new candidate is born there, and it logs the
 validate and tokenize reports it was trained on), and the stages after it
 resume the run whose id `reports/train.json` records.
+
+An http(s) tracking server that stops answering does not stop a stage: metrics
+logged through `log_metrics` wait in this process and go, in order, with the
+next call; when the stage's run closes, it waits up to
+`registry.tracking_wait_s` for the server, then fails naming it (the stage's
+outputs are written by then). A server that is down when a stage starts gets
+the same wait.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from tasks.atomic import read_json
 from tasks.config import Params
+from tasks.errors import TunelineError
 
 RUN_ID_ENV = "TUNELINE_MLFLOW_RUN_ID"
+# MLflow's HTTP client retries a failed request with backoff for minutes; a buffered send tries once.
+ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+log = logging.getLogger("tuneline")
+
+
+class TrackingUnreachable(TunelineError):
+    pass
 
 
 def setup(params: Params):
     """Point MLflow at the configured store; make the experiment (artifacts beside the DB)."""
     import mlflow
 
+    wait_for_server(params)
     mlflow.set_tracking_uri(params.registry.tracking_uri)
     exp = mlflow.get_experiment_by_name(params.registry.experiment)
     if exp is None:
@@ -71,8 +90,119 @@ def pipeline_run(params: Params, *, new: bool = False, run_name: str | None = No
     run_id = os.environ.get(RUN_ID_ENV) if new else current_run_id(params)
     if run_id is None and not new:
         raise RuntimeError("no MLflow run to log to: run the train stage first")
-    with mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_name) as run:
+    run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_name)
+    try:
         yield run
+        _outbox.drain(params)
+    except BaseException:
+        with _one_try(), suppress(Exception):  # a server that is away keeps the run RUNNING; the error is what counts
+            mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run()
+
+
+def wait_for_server(params: Params) -> None:
+    """An http(s) tracking server that does not answer: wait up to registry.tracking_wait_s, then fail naming it."""
+    import requests
+
+    uri = params.registry.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline = time.monotonic() + params.registry.tracking_wait_s
+    while True:
+        try:
+            status = requests.get(f"{uri.rstrip('/')}/health", timeout=10).status_code
+            if status < 500:  # any answer but a server error: it is there (401 behind auth too)
+                return
+            error: Exception = ConnectionError(f"HTTP {status}")
+        except requests.RequestException as e:
+            error = e
+        if time.monotonic() >= deadline:
+            raise TrackingUnreachable(f"MLflow tracking server {uri} (registry.tracking_uri) is unreachable after "
+                                      f"{params.registry.tracking_wait_s:g}s (registry.tracking_wait_s): "
+                                      f"{error}") from error
+        time.sleep(1)
+
+
+@contextmanager
+def _one_try() -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in ONE_TRY}
+    os.environ.update(ONE_TRY)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _unreachable(e: Exception) -> bool:
+    """The server did not answer, or failed (5xx): worth trying again, unlike a request it refused."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, MlflowException) and e.get_http_status_code() >= 500
+
+
+class _Outbox:
+    """Metrics and tags the tracking server has not taken yet, oldest first, as (run id, metrics, tags)."""
+
+    def __init__(self):
+        self.items: list[tuple[str, list, list]] = []
+        self.error: Exception | None = None  # why the last send failed; None while the server takes them
+
+    def send(self) -> bool:
+        """Send what waits, in order; False when the server did not take it (it keeps waiting)."""
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        while self.items:
+            run_id, metrics, tags = self.items[0]
+            try:
+                with _one_try():
+                    client.log_batch(run_id, metrics=metrics, tags=tags)
+            except Exception as e:
+                if not _unreachable(e):
+                    raise
+                if self.error is None:
+                    log.warning(f"MLflow tracking server {mlflow.get_tracking_uri()} is not answering ({e}); going "
+                                "on, its metrics kept here until it is back")
+                self.error = e
+                return False
+            self.items.pop(0)
+        if self.error is not None:
+            log.info(f"MLflow tracking server {mlflow.get_tracking_uri()} is back: the kept metrics were sent")
+            self.error = None
+        return True
+
+    def drain(self, params: Params) -> None:
+        deadline = time.monotonic() + params.registry.tracking_wait_s
+        while not self.send():
+            if time.monotonic() >= deadline:
+                values = sum(len(metrics) + len(tags) for _, metrics, tags in self.items)
+                raise TrackingUnreachable(
+                    f"MLflow tracking server {params.registry.tracking_uri} (registry.tracking_uri) is unreachable: "
+                    f"{values} metric and tag values were not sent after waiting "
+                    f"{params.registry.tracking_wait_s:g}s (registry.tracking_wait_s). The stage's outputs are "
+                    f"written (its metrics are also in {params.reports_dir}/); run it again when the server is "
+                    "back.") from self.error
+            time.sleep(1)
+
+
+_outbox = _Outbox()
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None, tags: dict[str, str] | None = None) -> None:
+    """Log to the active run; while the tracking server does not answer, keep them and go on (see the top)."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    _outbox.items.append((mlflow.active_run().info.run_id,
+                          [Metric(key, float(value), now, step or 0) for key, value in metrics.items()],
+                          [RunTag(key, str(value)) for key, value in (tags or {}).items()]))
+    _outbox.send()
 
 
 def log_section_params(params: Params, *sections: str) -> None:

@@ -17,17 +17,22 @@ import json
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tasks import distributed, tracking
 from tasks.atomic import read_json, replace_dir, write_json, write_text
 from tasks.config import Params
 from tasks.models import load_model, load_tokenizer
 
+if TYPE_CHECKING:
+    from tasks import engine
+
 LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"]
 
 
 def with_adapter(model, params: Params):
-    """Wrap the base model in a PEFT adapter, or train all of it for `full`."""
+    """Wrap the base model in a PEFT adapter (over a 4-bit base for `qlora`), or train all of it for `full`."""
     if params.lora.method == "full":
         return model
     from peft import LoraConfig, get_peft_model
@@ -49,20 +54,31 @@ def _auto(value, default: bool) -> bool:
     return default if value == "auto" else bool(value)
 
 
+def compiled(params: Params) -> bool:
+    """torch.compile on a GPU; QLoRA stays eager: its 4-bit matmuls are bitsandbytes kernels the compiler can't fuse."""
+    return _auto(params.train.compile, _on_gpu() and params.lora.method != "qlora")
+
+
+def packed(params: Params) -> bool:
+    """Padding-free rows need flex attention, which is fast and small only when compiled."""
+    return _auto(params.train.packing, compiled(params))
+
+
 def attention(params: Params) -> str | None:
     """The attention kernel: packed rows need one that skips the blocks between examples."""
     if params.model.attn_implementation != "auto":
         return params.model.attn_implementation
-    return "flex_attention" if _on_gpu() and _auto(params.train.packing, True) else None
+    return "flex_attention" if _on_gpu() and packed(params) else None
 
 
-def _training_args(params: Params, has_eval: bool):
+def _training_args(params: Params, has_eval: bool, args_class=None, **extra):
+    """TrainingArguments from params; `args_class` a subclass (TRL's DPOConfig) that takes `extra` too."""
     import torch
     from transformers import TrainingArguments
 
     t = params.train
     gpu = _on_gpu()
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(t.checkpoint_dir),
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size,
@@ -85,7 +101,7 @@ def _training_args(params: Params, has_eval: bool):
         bf16=_auto(t.bf16, gpu and torch.cuda.is_bf16_supported()),
         gradient_checkpointing=_auto(t.gradient_checkpointing, gpu),
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        torch_compile=_auto(t.compile, gpu),
+        torch_compile=compiled(params),
         use_cpu=not gpu,
         include_num_input_tokens_seen="non_padding",
         average_tokens_across_devices=True,
@@ -95,6 +111,7 @@ def _training_args(params: Params, has_eval: bool):
         report_to="none",
         disable_tqdm=False,
         **distributed.trainer_kwargs(params),
+        **extra,
     )
 
 
@@ -136,7 +153,7 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
 
     if args.gradient_checkpointing and params.lora.method != "full":
         model.enable_input_require_grads()
-    if _auto(params.train.packing, _on_gpu()):
+    if packed(params):
         # Padding-free: a batch is one row, position ids restart per example, and transformers builds
         # the block-diagonal causal mask from them (needs no KV cache in the forward).
         model.config.use_cache = False
@@ -145,6 +162,8 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens)
                           if _auto(params.train.chunked_loss, _on_gpu()) else (None, lambda: None))
+    if args.gradient_checkpointing and params.train.checkpoint_skip_layers:
+        callbacks = [*callbacks, engine.SkipCheckpointing(params.train.checkpoint_skip_layers)]
     trainer = engine.TunelineTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                                      data_collator=collator, callbacks=list(callbacks), compute_loss_func=loss_func)
     return trainer, restore
@@ -155,49 +174,76 @@ def train(params: Params) -> dict:
     from datasets import load_from_disk
     from transformers import set_seed
 
-    from tasks import engine
-
     set_seed(params.train.seed)
-    is_main = distributed.rank() == 0
     data = load_from_disk(str(params.data.tokenized_dir))
     tokenizer = load_tokenizer(params)
     has_eval = params.train.eval_steps > 0
     args = _training_args(params, has_eval)  # also joins the process group under torchrun
-    model = with_adapter(load_model(params, attn_implementation=attention(params)), params)
+    model = with_adapter(load_model(params, attn_implementation=attention(params),
+                                    quantize=params.lora.method == "qlora"), params)
+    seq = min(params.data.max_seq_length, max(len(x) for x in data["train"]["input_ids"]))
+    watch = supervise(params, args, model, data["train"]._fingerprint, seq)
+    trainer, restore_head = build_trainer(params, args, model, tokenizer, data["train"],
+                                          data["eval"] if has_eval else None, watch.callbacks)
+    return fit(params, args, trainer, model, tokenizer, watch, f"finetune-{params.registry.model_name}",
+               after_train=restore_head)
+
+
+@dataclass
+class Supervision:
+    """The engine around one training run: the checkpoint it resumes, its health log, its SIGTERM handler."""
+
+    resume_from: str | None
+    rows: list[dict]
+    monitor: engine.HealthMonitor
+    preemption: engine.PreemptionHandler
+
+    @property
+    def callbacks(self) -> list:
+        return [self.monitor, self.preemption]
+
+
+def supervise(params: Params, args, model, data_fingerprint: str, seq_len: int) -> Supervision:
+    """Supervision for a run on data with this fingerprint, sequences up to seq_len tokens (for the MFU)."""
+    from tasks import engine
+
     with args.main_process_first(desc="checkpoint lookup"):
-        resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir,
-                                                  resume_key(params, data["train"]._fingerprint),
-                                                  params.train.resume, is_main)
-    world = args.world_size
+        resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir, resume_key(params, data_fingerprint),
+                                                  params.train.resume, distributed.rank() == 0)
     rows: list[dict] = []
     preemption = engine.PreemptionHandler()
-    seq = min(params.data.max_seq_length, max(len(x) for x in data["train"]["input_ids"]))
-    monitor = engine.HealthMonitor(rows, engine.flops_per_token(model, seq, args.gradient_checkpointing),
-                                   params.train.loss_spike_factor, world,
+    monitor = engine.HealthMonitor(rows, engine.flops_per_token(model, seq_len, args.gradient_checkpointing),
+                                   params.train.loss_spike_factor, args.world_size,
                                    journal=params.train.checkpoint_dir / "train_log.jsonl")
-    trainer, restore_head = build_trainer(params, args, model, tokenizer, data["train"],
-                                          data["eval"] if has_eval else None, [monitor, preemption])
-    run_ctx = tracking.pipeline_run(params, new=True, run_name=f"finetune-{params.registry.model_name}") \
-        if is_main else nullcontext()
-    with run_ctx as run:
+    return Supervision(resume_from, rows, monitor, preemption)
+
+
+def fit(params: Params, args, trainer, model, tokenizer, watch: Supervision, run_name: str,
+        after_train=lambda: None, extra=lambda trainer: {}) -> dict:
+    """Train, in rank 0's new MLflow run; save the adapter. Rank 0 returns the summary (plus `extra(trainer)`),
+    the others {}. `after_train` runs as soon as training ends, also when it fails."""
+    from tasks import engine
+
+    is_main = distributed.rank() == 0
+    with tracking.pipeline_run(params, new=True, run_name=run_name) if is_main else nullcontext() as run:
         if is_main:
             _log_run_start(params)
-        if resume_from:
-            print(f"train: resuming from {resume_from}")
+        if watch.resume_from:
+            print(f"train: resuming from {watch.resume_from}")
         start = time.perf_counter()
         try:
-            result = trainer.train(resume_from_checkpoint=resume_from)
+            result = trainer.train(resume_from_checkpoint=watch.resume_from)
         finally:
-            restore_head()
+            after_train()
         seconds = time.perf_counter() - start
-        if preemption.requested_at is not None:
+        if watch.preemption.requested_at is not None:
             raise engine.Preempted(f"train: stopped on SIGTERM at step {trainer.state.global_step}; a checkpoint "
                                    f"is in {params.train.checkpoint_dir}. Run again to resume.")
         save_adapter(params, trainer, tokenizer, is_main)
         if not is_main:
             return {}
-        summary = _finish(params, trainer, result, model, rows, seconds, world, run.info.run_id, resume_from)
-    return summary
+        return _finish(params, trainer, result, model, watch.rows, seconds, args.world_size, run.info.run_id,
+                       watch.resume_from, extra(trainer))
 
 
 def save_adapter(params: Params, trainer, tokenizer, is_main: bool) -> None:
@@ -224,10 +270,8 @@ def _log_run_start(params: Params) -> None:
     mlflow.log_metrics(_prior_reports(params))
 
 
-def _finish(params, trainer, result, model, rows, seconds, world, run_id, resumed_from) -> dict:
+def _finish(params, trainer, result, model, rows, seconds, world, run_id, resumed_from, extra=None) -> dict:
     """Rank 0: the log and the summary; drop the checkpoints of this finished run."""
-    import mlflow
-
     gpus = world if _on_gpu() else 0
     gpu_hours = seconds * gpus / 3600
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -247,9 +291,10 @@ def _finish(params, trainer, result, model, rows, seconds, world, run_id, resume
         "total_params": sum(p.numel() for p in model.parameters()),
         "gpu_hours": round(gpu_hours, 4),
         "cost_usd": round(gpu_hours * params.cost.gpu_hour_usd, 4),
+        **(extra or {}),
     }
-    mlflow.log_metrics({f"train.{k}": float(v) for k, v in summary.items()
-                        if isinstance(v, int | float) and k != "steps"})
+    tracking.log_metrics({f"train.{k}": float(v) for k, v in summary.items()
+                          if isinstance(v, int | float) and k != "steps"})
     write_text(params.report("train_log.csv"), _csv(rows))
     write_json(params.report("train.json"), summary)
     shutil.rmtree(params.train.checkpoint_dir, ignore_errors=True)
@@ -261,7 +306,12 @@ def run(params: Params) -> dict:
         distributed.relaunch(params)
         summary = read_json(params.report("train.json"))
     else:
-        summary = train(params)
+        if params.train.method == "dpo":
+            from tasks import dpo
+
+            summary = dpo.train(params)
+        else:
+            summary = train(params)
         if not summary:  # a worker other than rank 0
             return {}
     return {k: summary[k] for k in ("steps", "train_loss", "seconds", "tokens_per_s")}

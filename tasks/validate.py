@@ -11,6 +11,10 @@ Two deliberate leniencies: CRLF line endings are accepted (the CR is
 stripped), and a UTF-8 byte order mark is accepted and stripped at the very
 start of line 1 only (where Windows tools put one); anywhere else it is an error.
 
+A local data file must lie inside the data root (`data.root`, default the current
+folder), symlinks and '..' followed: params name data, not any file the process
+can read. s3:// URIs are outside this rule (their cache copies are ours).
+
 Only when everything passes are `data/validated/{train,eval}.jsonl` and
 `reports/validation.json` written, atomically; a failure writes nothing.
 """
@@ -67,8 +71,11 @@ def _parse_line(raw: bytes, col0: int, bad: Bad) -> Any:
         return json.loads(text, object_pairs_hook=_strict_object, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         ends_early = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
-        raise bad(None, f"invalid JSON at column {e.colno}: {e.msg.removesuffix(' starting at')}"
-                        + ("; the line ends early (truncated?)" if ends_early else "")) from None
+        hint = ("; one JSON value spread over several lines is not JSON Lines (one object per line)"
+                if text.strip() in ("[", "{") else
+                "; the line holds a lone CR (old Mac line ends?): end lines with LF or CRLF" if "\r" in text else
+                "; the line ends early (truncated?)" if ends_early else "")
+        raise bad(None, f"invalid JSON at column {e.colno}: {e.msg.removesuffix(' starting at')}{hint}") from None
     except ValueError as e:  # from the two hooks above
         raise bad(None, f"invalid JSON: {e}") from None
     except RecursionError:
@@ -137,7 +144,17 @@ def _check_record(obj: Any, fmt: str, cfg: Validate, bad: Bad) -> dict[str, Any]
         out[name] = obj[name]
     if fmt == "chat":
         out["messages"] = _check_messages(out["messages"], cfg, bad)
+    if fmt == "preference" and out["chosen"].strip() == out["rejected"].strip():
+        raise bad("rejected", "must differ from chosen: a pair that prefers an answer to itself teaches nothing")
     return out
+
+
+def check_root(path: Path, root: Path | None, key: str | None = None) -> None:
+    """DataError unless `path`, symlinks followed, lies inside `root` (None: the current folder)."""
+    base, real = (root or Path.cwd()).resolve(), path.resolve()
+    if not real.is_relative_to(base):
+        raise DataError(path, None, None, f"{key + ' ' if key else ''}resolves to {real}, outside the data root "
+                                          f"{base} (data.root; null: the current folder)")
 
 
 def check_file(path: Path | str, fmt: str, cfg: Validate) -> list[dict[str, Any]]:
@@ -278,7 +295,7 @@ class _Suite:
         return stats
 
 
-PROMPT_FIELDS = {"instruction": "instruction+input", "chat": "messages", "completion": "prompt"}
+PROMPT_FIELDS = {"instruction": "instruction+input", "chat": "messages", "completion": "prompt", "preference": "prompt"}
 
 
 def _mostly(max_rate: float) -> float:
@@ -301,13 +318,29 @@ def _hold_out(records: list[dict], fmt: str, fraction: float, seed: int) -> list
     return sorted(held) if len(held) < len(records) else None  # None: too few distinct prompts
 
 
-def validate_paths(paths: list[Path], fmt: str, cfg: Validate) -> dict[str, int]:
-    """`tuneline validate PATH...`: each file alone (line checks, lengths, duplicate rate); writes nothing."""
-    parsed = {Path(p): check_file(p, fmt, cfg) for p in paths}  # the cheap line checks of every file first
+def _prompt_lines(records: list[dict], fmt: str, lines: list[int]) -> dict[str, int]:
+    """prompt -> the first line that asks it: what the overlap check looks eval prompts up in."""
+    return _first_lines([_prompt_side(r, fmt) for r in records], lines)
+
+
+def validate_paths(paths: list[Path], fmt: str, cfg: Validate, root: Path | None = None,
+                   eval_path: Path | None = None) -> dict[str, int]:
+    """`tuneline validate PATH... [--eval EVAL]`: each file alone (root, line checks, lengths, duplicate rate),
+    and EVAL against the one train PATH (overlap); writes nothing."""
+    if eval_path is not None and len(paths) != 1:
+        raise DataError(eval_path, None, None, "--eval: give exactly one train file to check it against")
+    files = [Path(p) for p in [*paths, *([eval_path] if eval_path is not None else [])]]
+    for path in files:
+        check_root(path, root)
+    parsed = [(path, check_file(path, fmt, cfg)) for path in files]  # the cheap line checks of every file first
     suite = _Suite(fmt, cfg)
-    for i, (path, records) in enumerate(parsed.items()):
-        suite.check(f"file{i}", path, records, list(range(1, len(records) + 1)))
-    return {str(path): len(records) for path, records in parsed.items()}
+    for i, (path, records) in enumerate(parsed):
+        train = None
+        if eval_path is not None and i == len(parsed) - 1:
+            train_path, train_records = parsed[0]
+            train = (train_path, _prompt_lines(train_records, fmt, list(range(1, len(train_records) + 1))))
+        suite.check(f"file{i}", path, records, list(range(1, len(records) + 1)), train=train)
+    return {str(path): len(records) for path, records in parsed}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -335,6 +368,9 @@ def _print_summary(report: dict) -> None:
 def run(params: Params) -> dict:
     """Validate train and eval (a seeded hold-out of train if data.eval_path is null); write both + report."""
     d, cfg = params.data, params.validate_
+    for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
+        if path is not None and not remote.is_remote(path):
+            check_root(Path(path), d.root, key)
     # s3:// paths are read from their local copies (tasks/remote.py); local paths stay as they are
     d = d.model_copy(update={"train_path": remote.local_path(d.train_path),
                              "eval_path": remote.local_path(d.eval_path)})
@@ -354,7 +390,7 @@ def run(params: Params) -> dict:
         source = f"hold-out of {d.eval_split} of train (seed {params.train.seed})"
     else:
         eval_path, eval_lines, source = d.eval_path, list(range(1, len(evals) + 1)), "file"
-    prompts = _first_lines([_prompt_side(r, d.format) for r in train], train_lines)
+    prompts = _prompt_lines(train, d.format, train_lines)
     eval_stats = suite.check("eval", eval_path, evals, eval_lines, train=(d.train_path, prompts))
     train_stats["records"] = len(train)  # the records written; duplicate_rate stays the whole file's
     expectations = train_stats.pop("expectations") + eval_stats.pop("expectations")

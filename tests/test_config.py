@@ -33,7 +33,7 @@ def test_unknown_key_is_named(tmp_path):
 @pytest.mark.parametrize(("key", "value", "rule"), [
     ("train.learning_rate", -1, "greater than 0"),
     ("lora.r", 0, "greater than 0"),
-    ("data.format", "xml", "'instruction', 'chat' or 'completion'"),
+    ("data.format", "xml", "'instruction', 'chat', 'completion' or 'preference'"),
     ("serving.port", 70000, "less than 65536"),
     ("train.batch_size", "many", "valid integer"),
 ])

@@ -125,3 +125,48 @@ def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_r
 
     assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=1e-4)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_skipping_checkpointing_on_the_last_layers_keeps_loss_and_gradients():
+    from tasks.engine import SkipCheckpointing
+
+    def loss_and_grads(skip: int):
+        model = tiny_llama().train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        SkipCheckpointing(skip).on_train_begin(None, None, None, model=model)
+        batch = pad(examples(3))
+        loss = model(**batch).loss
+        loss.backward()
+        flags = [layer.gradient_checkpointing for layer in model.model.layers]
+        return loss.item(), [p.grad.clone() for p in model.parameters()], flags
+
+    full, full_grads, full_flags = loss_and_grads(0)
+    skipped, skipped_grads, flags = loss_and_grads(1)
+    assert full_flags == [True, True] and flags == [True, False]
+    assert skipped == pytest.approx(full, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(full_grads, skipped_grads, strict=True))
+
+
+def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
+    """`lora.method: qlora`: the frozen base is NF4 (bitsandbytes, on CPU here), the adapter learns as LoRA does."""
+    import csv
+
+    from bitsandbytes.nn import Linear4bit
+
+    from tasks.models import load_model
+    from tasks.stage import run_stage
+
+    params, _ = tiny_run
+    qlora = params.model_copy(update={
+        "reports_dir": tmp_path / "reports", "lora": params.lora.model_copy(update={"method": "qlora"}),
+        "train": params.train.model_copy(update={"output_dir": tmp_path / "adapter",
+                                                 "checkpoint_dir": tmp_path / "ckpt"})})
+    assert any(isinstance(m, Linear4bit) for m in load_model(qlora, quantize=True).modules())
+    run_stage("train", qlora)
+
+    def losses(reports):
+        return [float(r["loss"]) for r in csv.DictReader((reports / "train_log.csv").open())]
+
+    # 4-bit weights move the numbers a little, not the curve: same start and end within 5%.
+    assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=0.05)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()

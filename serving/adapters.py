@@ -1,0 +1,196 @@
+"""Many LoRA adapters over one shared base model, on one replica set (Ray Serve model multiplexing).
+
+`AdapterServer` is a ModelServer (serving/app.py: the same batching, streaming and metrics) whose
+replicas load the base model once and the adapters of `serving.adapters` on demand. A request names
+an adapter in its `model` field; the Router sends it with `multiplexed_model_id=<name>`, so Serve
+routes it to a replica that has that adapter loaded, if one has, and splits batches by adapter. The
+replica loads an adapter it lacks (`models:/NAME/VERSION` or `models:/NAME@ALIAS` from the MLflow
+registry, or a PEFT adapter folder) into its PEFT model, and `@serve.multiplexed` evicts the least
+recently used one beyond `max_loaded`. A request that names the base (`base_name`) gets the base
+itself, adapters off. `GET /v1/models` lists the base and every adapter, saying which are loaded.
+
+    serve run serving.adapters:app_builder params=params.yaml --name tuneline-adapters --route-prefix /adapters
+
+Loading, evicting, switching the active adapter and generating all run under one lock per replica:
+an adapter is never evicted or switched under a batch or stream that uses it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+from ray import serve
+
+from serving.app import (
+    DRAIN_TIMEOUT_S,
+    MAX_REQUEST_BYTES,
+    MODEL_CONSTRUCTOR_RETRIES,
+    REPLICA_CPUS,
+    ModelServer,
+    _router_deployment,
+    model_server,
+)
+from tasks.config import DEFAULT_PARAMS, Params, load_params
+
+ADAPTER_FILE = "adapter_config.json"  # what makes a folder (or a registered artifact) a PEFT adapter
+
+
+class _Resident:
+    """What Serve's multiplexer keeps for a loaded adapter. Serve calls the `__del__` of what it evicts; set on
+    the instance, it runs only then, never from the garbage collector (which looks at the class)."""
+
+    def __init__(self, unload: Callable[[], None]):
+        self.__del__ = unload
+
+
+@serve.deployment(ray_actor_options={"num_cpus": REPLICA_CPUS}, graceful_shutdown_timeout_s=DRAIN_TIMEOUT_S,
+                  max_constructor_retry_count=MODEL_CONSTRUCTOR_RETRIES)
+class AdapterServer(ModelServer.func_or_class):
+    """The base model once, its adapters on demand; `serve.get_multiplexed_model_id()` says which one a
+    request (or a batch: Serve splits them by model id) wants, "" for the base."""
+
+    def __init__(self, model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
+                 tracking_uri: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02, *,
+                 adapters: dict[str, str], max_loaded: int = 4):
+        super().__init__(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size,
+                         batch_wait_timeout_s)
+        self.tracking_uri, self.sources, self.max_loaded = tracking_uri, dict(adapters), max_loaded
+        # PEFT names modules after adapters, and a module name cannot hold a dot; served names may.
+        self.keys = {name: f"adapter{i}" for i, name in enumerate(self.sources)}
+        self.peft = None  # the PeftModel around the base while any adapter is loaded
+        self.loaded: dict[str, int] = {}  # adapter -> bytes of its weights
+        self.busy = asyncio.Lock()
+
+        async def load(name: str) -> _Resident:
+            return await self._load(name)
+
+        self.get_adapter = serve.multiplexed(max_num_models_per_replica=max_loaded)(load)
+
+    def info(self) -> dict:
+        return {**super().info(), "adapters": list(self.sources), "max_loaded_adapters": self.max_loaded}
+
+    def loaded_adapters(self) -> dict[str, int]:
+        """The adapters this replica holds now, and the bytes of each one's weights."""
+        return dict(self.loaded)
+
+    async def _run(self, work, *args):
+        async with self.busy:
+            name = serve.get_multiplexed_model_id()
+            if name:
+                await self.get_adapter(name)  # a no-op when loaded; else loads it, evicting the least recently used
+            await super()._run(self._activate, name)
+            return await super()._run(work, *args)
+
+    async def _load(self, name: str) -> _Resident:
+        if name not in self.sources:
+            raise KeyError(f"no adapter {name!r} here; this server has {', '.join(self.sources) or 'none'}")
+        from serving.engine import resolve_model
+
+        try:
+            folder, _ = await asyncio.get_running_loop().run_in_executor(
+                None, resolve_model, self.sources[name], self.tracking_uri, ADAPTER_FILE)
+            await super()._run(self._attach, name, folder)
+        except Exception as e:
+            raise RuntimeError(f"adapter {name!r} ({self.sources[name]}) did not load: {e}") from e
+        return _Resident(lambda: self._detach(name))
+
+    def _attach(self, name: str, folder: Path) -> None:
+        from peft import PeftConfig, PeftModel
+
+        key = self.keys[name]
+        with self.engine.lock:
+            try:
+                if self.peft is None:  # PeftModel.from_pretrained, in two steps: a failed load can be undone
+                    config = PeftConfig.from_pretrained(str(folder))
+                    config.inference_mode = True
+                    self.peft = self.engine.model = PeftModel(self.engine.model, config, adapter_name=key)
+                self.peft.load_adapter(str(folder), adapter_name=key)
+            except Exception:
+                if self.peft is not None and key in self.peft.peft_config:
+                    self._drop(key)
+                raise
+            self.peft.eval()  # LoRA dropout off
+            self.loaded[name] = sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters()
+                                    if key in n.split("."))
+
+    def _detach(self, name: str) -> None:
+        with self.engine.lock:
+            del self.loaded[name]
+            self._drop(self.keys[name])
+
+    def _drop(self, key: str) -> None:
+        if len(self.peft.peft_config) > 1:
+            self.peft.delete_adapter(key)
+        else:  # a PeftModel cannot run with no adapter: back to the bare base
+            self.engine.model, self.peft = self.peft.unload(), None
+
+    def _activate(self, name: str) -> None:
+        with self.engine.lock:
+            if self.peft is None:
+                return
+            if name:
+                self.peft.base_model.enable_adapter_layers()
+                self.peft.set_adapter(self.keys[name])
+            else:
+                self.peft.base_model.disable_adapter_layers()
+
+
+def register_adapter(folder: Path, name: str, tracking_uri: str, alias: str | None = None,
+                     experiment: str = "tuneline-adapters", artifact_location: str | None = None) -> str:
+    """Register a PEFT adapter folder in the MLflow registry as a new version of `name` (its files are the
+    artifacts of a run of `experiment`), optionally under `alias`; returns the version. Serve it as
+    `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    if not (Path(folder) / ADAPTER_FILE).exists():
+        raise FileNotFoundError(f"{folder}: no PEFT adapter here (no {ADAPTER_FILE})")
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_location)
+    run = client.create_run(experiment_id, tags={"tuneline.adapter": name})
+    client.log_artifacts(run.info.run_id, str(folder), "adapter")
+    client.set_terminated(run.info.run_id)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = str(client.create_model_version(name, f"{run.info.artifact_uri}/adapter", run.info.run_id).version)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def build_adapter_app(base: str, base_name: str, template: str, adapters: dict[str, str], max_loaded: int = 4,
+                      max_tokens_limit: int = 256, max_prompt_tokens: int = 1024, api_key_env: str | None = None,
+                      max_request_bytes: int = MAX_REQUEST_BYTES, **options):
+    """One application for `serve.run`: the router in front of an AdapterServer of `base` (a folder or an
+    MLflow URI) with `adapters` ({name: source}). `options`: those of serving.app.model_server."""
+    server = model_server(base, template, max_tokens_limit, max_prompt_tokens, server=AdapterServer,
+                          adapters=adapters, max_loaded=max_loaded, **options)
+    return _router_deployment(base_name, max_tokens_limit, api_key_env, max_request_bytes,
+                              adapters=list(adapters)).bind(server)
+
+
+def _absolute(source: str) -> str:
+    """Replicas run in other folders: a relative local path must be absolute."""
+    return source if "://" in source or source.startswith("models:/") else str(Path(source).resolve())
+
+
+def adapter_app(params: Params):
+    """The application of params' `serving.adapters` (and the rest of `serving`: limits, batching, replicas)."""
+    from tasks.promotion import serve_options
+
+    s, a = params.serving, params.serving.adapters
+    adapters = {adapter.name: _absolute(adapter.source) for adapter in a.served}
+    return build_adapter_app(_absolute(a.base or params.model.base), a.base_name, params.data.template, adapters,
+                             a.max_loaded, s.max_tokens_limit, s.max_prompt_tokens, s.api_key_env,
+                             s.max_request_bytes, **serve_options(params))
+
+
+def app_builder(args: dict):
+    """For `serve run serving.adapters:app_builder params=PATH` (default params.yaml)."""
+    return adapter_app(load_params(args.get("params", DEFAULT_PARAMS)))
