@@ -100,6 +100,7 @@ def main() -> None:
     from ray import serve
 
     from serving.adapters import adapter_app, register_adapter
+    from serving.engine import CACHE_ENV
     from tasks.config import Params
 
     with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
@@ -127,6 +128,7 @@ def main() -> None:
               f"max_loaded {args.max_loaded}; requests: completions, {args.max_tokens} tokens (ignore_eos), "
               "one at a time", flush=True)
 
+        os.environ[CACHE_ENV] = str(root / "cache")  # the replica's registry downloads go with the temp folder
         ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         serve.start(http_options={"host": "127.0.0.1", "port": args.port})
         serve.run(adapter_app(params), name=APP, route_prefix="/")

@@ -19,6 +19,7 @@ from ray import serve
 from serving_helpers import free_port, save_tiny_model
 
 from serving.adapters import adapter_app, register_adapter
+from serving.engine import CACHE_ENV
 from tasks.config import ConfigError, Params, load_params
 
 TEMPLATE = "chatml"
@@ -80,8 +81,10 @@ def params(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def base_url(params):
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+def base_url(params, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:  # the replica's registry downloads go to a temp folder
+        mp.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("model-cache")))
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(adapter_app(params), name="test-adapters", route_prefix="/adapters")
