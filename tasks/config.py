@@ -66,6 +66,8 @@ class ModelSpec(_Section):
     base: str = Field("models/base", min_length=1, description="Hugging Face id or local path")
     revision: str | None = None
     trust_remote_code: bool = False
+    root: Path | None = Field(None, description="when set, a local base model must lie inside this folder, "
+                              "symlinks followed (s3:// and hub ids are exempt)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
         "auto", description="auto: flex_attention for packed batches on a GPU (skips the masked blocks), else sdpa")

@@ -72,6 +72,11 @@ def _configs(name: str, revision: str | None) -> dict[str, dict]:
 
 def check_base(params: Params, name: str) -> None:
     """Refuse the base model `name` (a local folder or a hub id) by params key and rule, before it loads."""
+    root = params.model.root
+    if root and not remote.is_remote(params.model.base) and Path(name).exists() \
+            and not Path(name).resolve().is_relative_to(root.resolve()):
+        raise TunelineError(f"model.base: {name} resolves to {Path(name).resolve()}, outside model.root "
+                            f"{root.resolve()}")
     configs = _configs(name, params.model.revision)
     for file, config in configs.items():
         custom = sorted(config.get("auto_map") or {})

@@ -377,3 +377,14 @@ def test_bad_model_params_stop_tokenize_before_it_loads_anything(make, setting, 
     assert error_lines(result) == ["error: " + rule.format(**names)]
     assert project.state() == before
     assert folder is None or not (folder / "ran").exists()
+
+
+def test_a_model_outside_model_root_is_refused(project, tmp_path):
+    folder = model_copy(project, tmp_path / "model")
+    before = project.state()
+    result = runner.invoke(app, ["stage", "tokenize", "--params", str(project.params_file), "--set",
+                                 f"model.base={folder}", "--set", f"model.root={project.root}"])
+    assert result.exit_code == 1, result.output
+    assert error_lines(result) == [f"error: model.base: {folder} resolves to {folder.resolve()}, outside "
+                                   f"model.root {project.root.resolve()}"]
+    assert project.state() == before
