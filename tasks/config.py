@@ -205,6 +205,9 @@ class Merge(_Section):
     output_dir: Path = Path("models/merged")
     check_atol: float = Field(1e-3, gt=0, description="max |logit difference| merged vs adapter")
     check_inputs: int = Field(4, gt=0)
+    quantize: Literal["none", "int8", "int4"] = Field("none", description=(
+        "also write a torchao weight-only quantized copy to <output_dir>-<quantize>, scored against the merged "
+        "model in reports/quantize.json; int4 needs a CUDA GPU"))
 
 
 class ServedAdapter(_Section):

@@ -155,15 +155,20 @@ def eval_inputs(params: Params):
     return records, examples.select(range(min(n, len(examples))))
 
 
+def prompts_and_references(records: list[dict], params: Params, tokenizer) -> tuple[list[str], list[str]]:
+    """Each record's rendered prompt, and its answer cut where the template's stop strings cut generations."""
+    prompts, references = zip(*(render(r, params.data.format, params.data.template, tokenizer)
+                                for r in records), strict=True)
+    stops = stop_strings(params.data.template)
+    return list(prompts), [cut_at_stops(r, stops) for r in references]
+
+
 def run(params: Params) -> dict:
     import mlflow
 
     tokenizer = load_tokenizer(params)
     records, examples = eval_inputs(params)
-    prompts, references = zip(*(render(r, params.data.format, params.data.template, tokenizer)
-                                for r in records), strict=True)
-    stops = stop_strings(params.data.template)
-    references = [cut_at_stops(r, stops) for r in references]
+    prompts, references = prompts_and_references(records, params, tokenizer)
     pairs = preference_pairs(records, params, tokenizer) if params.data.format == "preference" else None
 
     models = {"candidate": load_candidate}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tasks import registry, remote, tracking
+from tasks import quantize, registry, remote, tracking
 from tasks.atomic import atomic_dir, read_json, write_json
 from tasks.config import Params
 from tasks.errors import TunelineError
@@ -60,11 +60,13 @@ def run(params: Params) -> dict:
         print(f"merge: skipped ({reason})")
         return {"skipped": True}
 
+    quantize.check(params)
     tokenizer = load_tokenizer(params)
     model, diff = merged_model(params, tokenizer)
     with atomic_dir(params.merge.output_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
+    quantized = quantize.export(params, tokenizer) if params.merge.quantize != "none" else None
 
     data_files = [remote.local_path(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
     tags = {"tuneline.git_commit": tracking.git_commit(),
@@ -76,12 +78,20 @@ def run(params: Params) -> dict:
         import mlflow
 
         mlflow.log_metric("merge.max_logit_diff", diff)
+        if quantized is not None and quantized["retention"] is not None:
+            mlflow.log_metric(f"merge.{quantized['quantize']}.retention", quantized["retention"])
         mlflow.set_tag("tuneline.model_version", version)
     out = {"model_name": params.registry.model_name, "version": version,
            "model_uri": f"models:/{params.registry.model_name}/{version}",
            "model_dir": str(params.merge.output_dir), "max_logit_diff": diff, **tags}
+    summary = {"version": version, "max_logit_diff": f"{diff:.1e}"}
+    if quantized is not None:
+        out["quantized"] = {k: quantized[k] for k in ("model_dir", "size_mib", "retention")}
+        summary[f"{quantized['quantize']}_retention"] = quantized["retention"]
+        print(f"merge: {quantized['quantize']} copy in {quantized['model_dir']}, {quantized['size_mib']['quantized']} "
+              f"MiB (full {quantized['size_mib']['full']} MiB), ROUGE-L retention {quantized['retention']}")
     write_json(params.report("merge.json"), out)
-    return {"version": version, "max_logit_diff": f"{diff:.1e}"}
+    return summary
 
 
 if __name__ == "__main__":
