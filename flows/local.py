@@ -23,7 +23,7 @@ from tasks.errors import TunelineError
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(".prefect")
-DEPLOYMENTS = ("finetune/on-demand", "finetune/scheduled-retrain")
+DEPLOYMENTS = ("finetune/on-demand", "finetune/scheduled-retrain", "sweep/on-demand")
 
 
 def _prefect_cli() -> list[str]:

@@ -54,6 +54,9 @@ def prepare(params: Params) -> None:
     """Validate and tokenize once: every trial trains on the same tokenized data."""
     from tasks.stage import run_stage
 
+    if params.train.method != "sft":
+        raise TunelineError(f"sweep: train.method is {params.train.method}, but trials train supervised "
+                            "(tasks/train.py); sweep the SFT run with train.method=sft")
     for name in ("validate", "tokenize"):
         run_stage(name, params)
 
@@ -227,7 +230,8 @@ def _train(trial, params: Params, data, tokenizer):
     from tasks.train import _training_args, attention, build_trainer, with_adapter
 
     set_seed(params.train.seed)
-    model = with_adapter(load_model(params, attn_implementation=attention(params)), params)
+    model = with_adapter(load_model(params, attn_implementation=attention(params),
+                                    quantize=params.lora.method == "qlora"), params)  # as tasks/train.py loads it
     reporter = _reporter(trial)
     trainer, restore_head = build_trainer(params, _training_args(params, has_eval=True), model, tokenizer,
                                           data["train"], data["eval"], [reporter])

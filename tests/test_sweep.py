@@ -17,6 +17,7 @@ import yaml
 from conftest import REPO, tiny_params
 
 from tasks.config import ConfigError, file_overrides, load_params
+from tasks.errors import TunelineError
 
 SWEPT = ("train.learning_rate", "lora.r", "lora.alpha", "train.batch_size")
 
@@ -82,6 +83,12 @@ def test_bad_sweep_params_name_the_key_and_rule(tmp_path):
     assert proc.returncode == 1
     assert "sweep.n_trials: Input should be greater than 0 (got 0)" in proc.stderr
     assert not (tmp_path / "reports").exists()  # refused before any work
+
+    from tasks.sweep import prepare
+
+    with pytest.raises(TunelineError, match="train.method is dpo, but trials train supervised"):
+        prepare(load_params(REPO / "params.yaml", ["train.method=dpo", "data.format=preference",
+                                                    "train.output_dir=models/adapter-dpo"]))
 
     bad = tmp_path / "bad_overrides.yaml"
     bad.write_text("lora:\n  rr: 8\n")
