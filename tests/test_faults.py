@@ -146,6 +146,7 @@ def outputs(p: Params, stage: str) -> list[Path]:
         "tokenize": [p.data.tokenized_dir, p.report("tokenize.json")],
         "train": [p.train.output_dir, p.report("train.json"), p.report("train_log.csv")],
         "evaluate": [p.report("eval.json")],
+        "gate": [p.report("gate.json")],
         "merge": [p.merge.output_dir, p.report("merge.json")],
     }[stage]
 
@@ -206,6 +207,11 @@ def rerun_evaluate(p: Params, before: dict, versions: list[str]) -> None:
     assert snapshot(p.report("eval.json")) == before[p.report("eval.json")]
 
 
+def rerun_gate(p: Params, before: dict, versions: list[str]) -> None:
+    assert read_json(p.report("gate.json"))["decision"] in ("promote", "reject")
+    assert snapshot(p.report("gate.json")) == before[p.report("gate.json")]
+
+
 def rerun_merge(p: Params, before: dict, versions: list[str]) -> None:
     now = model_versions(p)
     assert len(now) == len(versions) + 1  # registered exactly once
@@ -214,7 +220,8 @@ def rerun_merge(p: Params, before: dict, versions: list[str]) -> None:
     load_model(p, path=p.merge.output_dir)
 
 
-@pytest.mark.parametrize("check", [rerun_validate, rerun_tokenize, rerun_train, rerun_evaluate, rerun_merge],
+@pytest.mark.parametrize("check", [rerun_validate, rerun_tokenize, rerun_train, rerun_evaluate, rerun_gate,
+                                   rerun_merge],
                          ids=lambda check: check.__name__.removeprefix("rerun_"))
 def test_kill_9_inside_a_stage_keeps_whole_outputs_and_a_rerun_completes(project, stages, check):
     params, params_file = project

@@ -427,6 +427,34 @@ def test_serve_rollback_brings_the_previous_champion_back(deployed, port):
     assert (report["version"], report["previous_version"]) == ("1", "2")
 
 
+def test_deploy_killed_mid_promotion_keeps_the_champion_serving_and_a_rerun_promotes(deployed, pipeline, port):
+    """kill -9 while the candidate starts beside the champion: traffic and the alias stay; deploy again finishes."""
+    import sys
+
+    params, dirs, _ = pipeline
+    assert _champion(params) == "1" and "test-deploy-v2" not in serve.status().applications  # after the rollback
+    _merged(params, dirs, "2")
+    params_file = params.reports_dir / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.deploy", "--params", str(params_file)],
+                            env={**os.environ, KEY_ENV: KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while "test-deploy-v2" not in serve.status().applications:
+        assert proc.poll() is None, "deploy ended before it was killed"
+        assert time.monotonic() < deadline, "the candidate never started"
+        time.sleep(0.2)
+    proc.kill()
+    assert proc.wait() == -9
+    assert _champion(params) == "1" and _answered_by(port) == "1"
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(KEY_ENV, KEY)
+        result = deploy.run(params)
+    assert result["version"] == "2" and _champion(params) == "2" and _answered_by(port) == "2"
+    apps = set(serve.status().applications)
+    assert "test-deploy-v2" in apps and "test-deploy-v1" not in apps
+
+
 def test_stop_on_a_named_cluster_removes_only_the_app(deployed, client):
     # Runs after the other deploy tests (file order): it takes the deployed app down.
     params, *_ = deployed

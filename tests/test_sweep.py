@@ -147,21 +147,3 @@ def test_sweep_cli_writes_the_best_completed_trial(project):
     assert (tuned.train.learning_rate, tuned.lora.r, tuned.lora.alpha, tuned.train.batch_size) == tuple(
         flat[k] for k in SWEPT)
     assert not params.train.checkpoint_dir.exists()  # trials kept no checkpoints, least of all the pipeline's
-
-
-def test_sweep_flow_runs_two_trials_in_process(project):
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.sweep import sweep
-
-    root, params = project
-    with prefect_test_harness(server_startup_timeout=240):
-        state = sweep(params_path=str(root / "params.yaml"), sets=["sweep.n_trials=2", "sweep.parallel=1"],
-                      return_state=True)
-    assert state.is_completed(), state.message
-    summary = state.result()
-    assert summary["trials"] == 2 == summary["complete"] + summary["pruned"]
-    assert summary["baseline_eval_loss"] is not None  # trial 0, the baseline, is never pruned
-    assert len(_children(params, summary["mlflow_run_id"])) == 2
-    assert yaml.safe_load(params.sweep.best_path.read_text())["train"]["learning_rate"] == summary["best"][
-        "train.learning_rate"]
