@@ -171,7 +171,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
 
     from tasks.bootstrap import build_tokenizer
     from tasks.config import Params
-    from tasks.train import _training_args, attention, build_trainer, with_adapter
+    from tasks.train import _training_args, attention, build_trainer, load_base, with_adapter
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -191,9 +191,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     training_args = _training_args(params, has_eval=False)
     training_args.dataloader_drop_last = True
     if model_dir:
-        from tasks.models import load_model
-
-        base = load_model(params, attn_implementation=attention(params) or "sdpa", quantize=method == "qlora")
+        base = load_base(params)
     else:
         base = model_for(args.shape, args.seq, attention(params) or "sdpa")
     model = with_adapter(base, params)

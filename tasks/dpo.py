@@ -28,8 +28,8 @@ from tasks import engine, tracking
 from tasks.config import Params
 from tasks.errors import TunelineError
 from tasks.formats import render, to_messages, with_rejected_answer
-from tasks.models import load_model, load_tokenizer
-from tasks.train import _training_args, attention, fit, supervise
+from tasks.models import load_tokenizer
+from tasks.train import _training_args, fit, load_base, supervise
 
 
 class DPOTunelineTrainer(engine.TunelineTrainer, DPOTrainer):
@@ -94,7 +94,7 @@ def train(params: Params) -> dict:
     has_eval = t.eval_steps > 0
     args = _training_args(params, has_eval, DPOConfig, beta=t.dpo_beta, loss_type=[t.dpo_loss_type],
                           max_length=params.data.max_seq_length)
-    base = load_model(params, attn_implementation=attention(params), quantize=params.lora.method == "qlora")
+    base = load_base(params)
     model = PeftModel.from_pretrained(base, str(src), is_trainable=True)
     # A checkpoint resumes only onto the same pairs and the same SFT adapter.
     watch = supervise(params, args, model, tracking.file_md5(data / "train.jsonl", src / "adapter_model.safetensors"),

@@ -35,7 +35,7 @@ from tasks import tracking
 from tasks.atomic import read_json, write_text
 from tasks.config import Params, Sweep
 from tasks.errors import TunelineError
-from tasks.models import load_model, load_tokenizer
+from tasks.models import load_tokenizer
 
 
 class Plan(BaseModel):
@@ -227,11 +227,10 @@ def _train(trial, params: Params, data, tokenizer):
     """Train the trial's adapter on the pipeline's Trainer; the reporter holds its eval losses and fate."""
     from transformers import set_seed
 
-    from tasks.train import _training_args, attention, build_trainer, with_adapter
+    from tasks.train import _training_args, build_trainer, load_base, with_adapter
 
     set_seed(params.train.seed)
-    model = with_adapter(load_model(params, attn_implementation=attention(params),
-                                    quantize=params.lora.method == "qlora"), params)  # as tasks/train.py loads it
+    model = with_adapter(load_base(params), params)
     reporter = _reporter(trial)
     trainer, restore_head = build_trainer(params, _training_args(params, has_eval=True), model, tokenizer,
                                           data["train"], data["eval"], [reporter])

@@ -71,6 +71,11 @@ def attention(params: Params) -> str | None:
     return "flex_attention" if _on_gpu() and packed(params) else None
 
 
+def load_base(params: Params):
+    """The base model as every training run loads it: the attention kernel the speed paths need, 4-bit for qlora."""
+    return load_model(params, attn_implementation=attention(params), quantize=params.lora.method == "qlora")
+
+
 def _training_args(params: Params, has_eval: bool, args_class=None, **extra):
     """TrainingArguments from params; `args_class` a subclass (TRL's DPOConfig) that takes `extra` too."""
     import torch
@@ -179,8 +184,7 @@ def train(params: Params) -> dict:
     tokenizer = load_tokenizer(params)
     has_eval = params.train.eval_steps > 0
     args = _training_args(params, has_eval)  # also joins the process group under torchrun
-    model = with_adapter(load_model(params, attn_implementation=attention(params),
-                                    quantize=params.lora.method == "qlora"), params)
+    model = with_adapter(load_base(params), params)
     seq = min(params.data.max_seq_length, max(len(x) for x in data["train"]["input_ids"]))
     watch = supervise(params, args, model, data["train"]._fingerprint, seq)
     trainer, restore_head = build_trainer(params, args, model, tokenizer, data["train"],
