@@ -165,7 +165,7 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
         collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens)
+    loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens, compiled(params))
                           if _auto(params.train.chunked_loss, _on_gpu()) else (None, lambda: None))
     if args.gradient_checkpointing and params.train.checkpoint_skip_layers:
         callbacks = [*callbacks, engine.SkipCheckpointing(params.train.checkpoint_skip_layers)]

@@ -75,7 +75,8 @@ def test_packing_without_position_ids_would_leak_across_examples():
     assert (right[0, second] - leaky[0, second]).abs().max() > 1e-3
 
 
-def test_chunked_loss_equals_plain_loss_and_gradient():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_loss_equals_plain_loss_and_gradient(compiled):
     torch.manual_seed(2)
     hidden = torch.randn(2, 37, 16, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
@@ -83,10 +84,11 @@ def test_chunked_loss_equals_plain_loss_and_gradient():
     labels[:, :5] = -100
     plain = F.cross_entropy((hidden @ weight.t())[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
                             ignore_index=-100)
-    chunked = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=8)
+    chunked = chunked_cross_entropy(hidden, weight, labels, chunk_tokens=8, compiled=compiled)
     assert torch.allclose(chunked, plain, atol=1e-10)
     g_plain = torch.autograd.grad(plain, (hidden, weight))
-    g_chunk = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk_tokens=8), (hidden, weight))
+    g_chunk = torch.autograd.grad(chunked_cross_entropy(hidden, weight, labels, chunk_tokens=8, compiled=compiled),
+                                  (hidden, weight))
     for a, b in zip(g_plain, g_chunk, strict=True):
         assert torch.allclose(a, b, atol=1e-10)
 
