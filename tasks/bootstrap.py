@@ -103,6 +103,14 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def tokenizer_corpus(train: list[dict], seed: int) -> list[str]:
+    """The text the default tokenizer learns its merges from: the template, the train records, plain text."""
+    text_rng = random.Random(seed + 2)
+    corpus = [ALPACA_HEADER, "### Instruction:\n### Response:\n"]
+    corpus += [f"{r['instruction']}\n\n{r['input']}\n\n{r['output']}" for r in train]
+    return corpus + [pretraining_text(text_rng) for _ in range(2000)]
+
+
 def build_tokenizer(corpus: list[str], vocab_size: int):
     """A byte-level BPE tokenizer trained on the corpus, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -221,11 +229,7 @@ def run(params: Params) -> dict:
         _write_jsonl(tmp / "train.jsonl", train)
         _write_jsonl(tmp / "eval.jsonl", evals)
 
-    text_rng = random.Random(cfg.seed + 2)
-    corpus = [ALPACA_HEADER, "### Instruction:\n### Response:\n"]
-    corpus += [f"{r['instruction']}\n\n{r['input']}\n\n{r['output']}" for r in train]
-    corpus += [pretraining_text(text_rng) for _ in range(2000)]
-    tokenizer = build_tokenizer(corpus, cfg.model.vocab_size)
+    tokenizer = build_tokenizer(tokenizer_corpus(train, cfg.seed), cfg.model.vocab_size)
     model = build_model(cfg.model, tokenizer, cfg.seed)
     loss = pretrain(model, tokenizer, cfg)
     with atomic_dir(cfg.model_dir) as tmp:
