@@ -162,6 +162,23 @@ def serve_status(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     _exit(guarded(lambda: show(serve_control.status(load_params(params)))))
 
 
+@app.command()
+def promote(version: Annotated[str, typer.Argument(help="registered version number, or an alias such as challenger")],
+            params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Serve a registered model version and make it the champion, without downtime, gate or no gate.
+
+    The manual way to ship (deploy is the gated one): the version starts beside what serves, must answer a
+    real generation, takes the traffic, and the `champion` alias moves to it; if it fails, what served keeps
+    serving. `tuneline serve rollback` undoes it."""
+    from tasks import serve_control
+
+    def ship() -> None:
+        for key, value in serve_control.promote(load_params(params), version).items():
+            typer.echo(f"{key}: {value}")
+
+    _exit(guarded(ship))
+
+
 @serve_app.command("rollback")
 def serve_rollback(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Serve the previous champion again, without downtime, and move the `champion` alias back to it."""

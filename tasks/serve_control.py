@@ -114,32 +114,65 @@ def status(params: Params) -> dict:
     return out
 
 
-def rollback(params: Params) -> dict:
-    """Put the previous champion back, the same zero-downtime way deploy promotes (tasks/promotion.py):
-    it starts beside the current version, loaded from the registry, is health-checked, takes the traffic,
-    and the `champion` alias moves back to it. If it fails, the current version keeps serving."""
+def _serve_version(params: Params, report: dict, name: str, version: str, action: str) -> dict:
+    """Serve registered `version` the zero-downtime way deploy does (tasks/promotion.py): it starts beside
+    what serves, loaded from the registry, is health-checked, takes the traffic; then deploy.json records
+    it and the `champion` alias moves to it. If it fails, what served keeps serving and the alias stays."""
     from tasks import promotion, registry
     from tasks.atomic import write_json
 
+    uri = f"models:/{name}/{version}"
+    served = report.get("served_model") or name
+    try:
+        outcome = promotion.promote(params, served, version, uri)
+    except promotion.PromotionFailed as e:
+        still = f"version {e.serving_version} keeps serving" if e.serving_version else "nothing serves now"
+        raise TunelineError(f"{action} to version {version} failed: {e.reason}\n{still}; the champion alias "
+                            "is unchanged") from None
+    new = {**report, "endpoint": endpoint(params), "model_name": name, "served_model": served, "version": version,
+           "model_uri": uri, "app": outcome["app"], "previous_version": outcome["previous_version"]}
+    write_json(params.report("deploy.json"), new)
+    registry.client(params).set_registered_model_alias(name, registry.CHAMPION, version)
+    log.info(f"{action}: version {version} serves (was {outcome['previous_version'] or 'nothing'}); "
+             f"alias champion -> {version}")
+    return new
+
+
+def rollback(params: Params) -> dict:
+    """Put the previous champion back (see _serve_version); deploy.json remembers which version it replaced."""
     report = current_report(params)
     current, previous = report.get("version"), report.get("previous_version")
     if not report or not previous:
         raise TunelineError(f"{params.report('deploy.json')}: no previous champion recorded (deploy has promoted "
                             "at most one version here): nothing to roll back to")
+    new = _serve_version(params, {**report, "rolled_back_from": current},
+                         report.get("model_name") or params.registry.model_name, str(previous), "rollback")
+    return {"version": new["version"], "rolled_back_from": current, "endpoint": new["endpoint"]}
+
+
+def promote(params: Params, version: str) -> dict:
+    """Serve a registered version chosen by a person, a number or an alias (e.g. `challenger`, the last
+    one merge registered), and make it the champion (see _serve_version). The gate is not asked: this is
+    the manual override; deploy is the gated way."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks import registry
+
+    report = current_report(params)
+    report.pop("rolled_back_from", None)
     name = report.get("model_name") or params.registry.model_name
-    uri = f"models:/{name}/{previous}"
+    c = registry.client(params)
     try:
-        outcome = promotion.promote(params, report.get("served_model") or name, str(previous), uri)
-    except promotion.PromotionFailed as e:
-        still = f"version {e.serving_version} keeps serving" if e.serving_version else "nothing serves now"
-        raise TunelineError(f"rollback to version {previous} failed: {e.reason}\n{still}; the champion alias "
-                            "is unchanged") from None
-    new = {**report, "endpoint": endpoint(params), "version": str(previous), "model_uri": uri,
-           "app": outcome["app"], "previous_version": current, "rolled_back_from": current}
-    write_json(params.report("deploy.json"), new)
-    registry.client(params).set_registered_model_alias(name, registry.CHAMPION, str(previous))
-    log.info(f"rolled back: version {previous} serves again (was {current}); alias champion -> {previous}")
-    return {"version": str(previous), "rolled_back_from": current, "endpoint": new["endpoint"]}
+        found = (c.get_model_version(name, version) if version.isdigit()
+                 else c.get_model_version_by_alias(name, version))
+    except MlflowException as e:
+        raise TunelineError(f"promote {version}: the registry ({params.registry.tracking_uri}) has no version or "
+                            f"alias {version!r} of {name}: {e.message}") from None
+    number = str(found.version)
+    if str(report.get("version")) == number:
+        return {"version": number, "unchanged": "already serving", "endpoint": report.get("endpoint")}
+    new = _serve_version(params, report, name, number, "promote")
+    return {"version": number, "previous_version": new["previous_version"], "endpoint": new["endpoint"]}
 
 
 def stop(params: Params) -> dict:

@@ -4,7 +4,8 @@ promotion and rollback, and serve control, on tiny models.
 One local Ray cluster for the module, two applications on it: `/main` (no key; built by the
 application builder of serving/serve_config.yaml) for the API tests, and `/`, put there by the
 real deploy stage with an API key, which then promotes v2 under load, rolls a broken v3 back,
-and `tuneline serve rollback` returns to v1. The deploy tests run in file order.
+`tuneline serve rollback` returns to v1, deploy survives a kill, and `tuneline promote 1` picks v1
+by hand. The deploy tests run in file order.
 """
 
 from __future__ import annotations
@@ -453,6 +454,32 @@ def test_deploy_killed_mid_promotion_keeps_the_champion_serving_and_a_rerun_prom
     assert result["version"] == "2" and _champion(params) == "2" and _answered_by(port) == "2"
     apps = set(serve.status().applications)
     assert "test-deploy-v2" in apps and "test-deploy-v1" not in apps
+
+
+def test_promote_serves_a_chosen_version_and_refuses_an_unknown_one(deployed, port):
+    from typer.testing import CliRunner
+
+    from tasks.cli import app
+
+    params = deployed[0]
+    params_file = params.reports_dir / "params.yaml"
+    assert _champion(params) == "2"  # after the re-run deploy above
+
+    def promote(version: str):
+        return CliRunner().invoke(app, ["promote", version, "--params", str(params_file)])
+
+    out = promote("99")
+    assert out.exit_code == 1 and "promote 99: the registry" in out.output and "'99' of tiny-model" in out.output
+    assert _champion(params) == "2" and _answered_by(port) == "2"
+    out = promote("1")
+    assert out.exit_code == 0, out.output
+    assert "version: 1" in out.output and "previous_version: 2" in out.output
+    assert _champion(params) == "1" and _answered_by(port) == "1"
+    report = read_json(params.report("deploy.json"))
+    assert (report["version"], report["previous_version"], report["model_uri"]) == ("1", "2", "models:/tiny-model/1")
+    out = promote("champion")  # an alias resolves to its version: here the one that serves
+    assert out.exit_code == 0 and "unchanged: already serving" in out.output, out.output
+    assert "test-deploy-v2" not in serve.status().applications  # the replaced version was retired
 
 
 def test_stop_on_a_named_cluster_removes_only_the_app(deployed, client):
