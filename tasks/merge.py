@@ -71,7 +71,8 @@ def run(params: Params) -> dict:
     data_files = [remote.local_path(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
     tags = {"tuneline.git_commit": tracking.git_commit(),
             "tuneline.dvc_data_hash": tracking.file_md5(*data_files),
-            "tuneline.params_hash": tracking.params_hash(params)}
+            "tuneline.params_hash": tracking.params_hash(params),
+            registry.WEIGHTS_TAG: tracking.file_md5(*sorted(params.merge.output_dir.glob("*.safetensors")))}
     with tracking.pipeline_run(params) as run:
         tags["tuneline.mlflow_run_id"] = run.info.run_id
         version = registry.register(params, model, tokenizer, tags)

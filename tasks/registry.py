@@ -7,13 +7,18 @@ version, `champion` on the version that serves.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 from tasks import tracking
 from tasks.config import Params
 
+log = logging.getLogger("tuneline")
+
 CHAMPION, CHALLENGER = "champion", "challenger"
+# The content hash of a version's safetensors files (as DVC hashes data): one registered version per weights.
+WEIGHTS_TAG = "tuneline.weights_md5"
 # Given explicitly: MLflow's inference of them imports optional packages (torchvision).
 PIP_REQUIREMENTS = ["torch", "transformers", "safetensors", "tokenizers"]
 
@@ -25,22 +30,34 @@ def client(params: Params):
     return MlflowClient()
 
 
+def weights_version(params: Params, weights_md5: str) -> str | None:
+    """The version already registered with these weights (tag WEIGHTS_TAG), if any."""
+    found = client(params).search_model_versions(
+        f"name='{params.registry.model_name}' and tag.`{WEIGHTS_TAG}`='{weights_md5}'")
+    return min((str(v.version) for v in found), key=int, default=None)
+
+
 def register(params: Params, model, tokenizer, tags: dict[str, str]) -> str:
-    """Log the merged model into the active run and register it; returns the new version."""
+    """Log the merged model into the active run and register it with `tags`; returns its version.
+
+    The tags are set as the version is created, so no version lacks them. Weights that are already
+    registered (the same `WEIGHTS_TAG` in `tags`: a merge re-run after a kill between registration and
+    merge.json, or a re-trained identical model) are not registered again; their version is returned."""
     import mlflow
 
-    info = mlflow.transformers.log_model(
-        transformers_model={"model": model, "tokenizer": tokenizer},
-        task="text-generation",
-        name="model",
-        registered_model_name=params.registry.model_name,
-        pip_requirements=PIP_REQUIREMENTS,
-    )
-    version = str(info.registered_model_version)
-    c = client(params)
-    for key, value in tags.items():
-        c.set_model_version_tag(params.registry.model_name, version, key, value)
-    c.set_registered_model_alias(params.registry.model_name, CHALLENGER, version)
+    name = params.registry.model_name
+    version = weights_version(params, tags[WEIGHTS_TAG]) if WEIGHTS_TAG in tags else None
+    if version is not None:
+        log.info(f"merge: these weights are already registered as {name} version {version}; not registered again")
+    else:
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer},
+            task="text-generation",
+            name="model",
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+        version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+    client(params).set_registered_model_alias(name, CHALLENGER, version)
     return version
 
 

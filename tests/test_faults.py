@@ -1,11 +1,11 @@
 """Faults injected for real, and what must hold after each (issue 8, part 3; the Serve replica is tested elsewhere).
 
-- kill -9 inside bootstrap, validate, tokenize, train, evaluate and merge: the stage runs as `python -m
+- kill -9 inside bootstrap, validate, tokenize, train, evaluate, gate and merge: the stage runs as `python -m
   tasks.<stage>` in its own process and SIGKILLs itself at the last moment before its output is renamed into
   place, the new content complete beside it (tasks.atomic's TUNELINE_FAULT_KILL_BEFORE). Every output the stage
   declares must then be the previous one or absent, the registry unchanged; a re-run must complete with
-  consistent outputs and remove the dead process's temp copies. Not killed: gate (instant; its one report goes
-  through the same write_json as evaluate's) and deploy (needs Ray).
+  consistent outputs and remove the dead process's temp copies. Merge is also killed after registering its
+  version, before merge.json: the re-run must not register the same weights again. (Deploy: test_serving.py.)
 - the MLflow tracking server (`mlflow server` on SQLite) stopped while training logs to it;
 - the S3 server (moto) killed during `tuneline data push`;
 - a full disk (a small tmpfs; RLIMIT_FSIZE where mounting is not allowed) under merge's output.
@@ -212,10 +212,16 @@ def rerun_gate(p: Params, before: dict, versions: list[str]) -> None:
     assert snapshot(p.report("gate.json")) == before[p.report("gate.json")]
 
 
+def with_weights(p: Params, weights_md5: str) -> list[str]:
+    found = registry.client(p).search_model_versions(
+        f"name='{p.registry.model_name}' and tag.`{registry.WEIGHTS_TAG}`='{weights_md5}'")
+    return sorted((str(v.version) for v in found), key=int)
+
+
 def rerun_merge(p: Params, before: dict, versions: list[str]) -> None:
-    now = model_versions(p)
-    assert len(now) == len(versions) + 1  # registered exactly once
-    assert read_json(p.report("merge.json"))["version"] == now[-1]
+    report = read_json(p.report("merge.json"))
+    assert with_weights(p, report[registry.WEIGHTS_TAG]) == [report["version"]]  # these weights: one version
+    assert model_versions(p) == versions  # the project's merge registered them already: nothing new
     assert snapshot(p.merge.output_dir) == before[p.merge.output_dir]
     load_model(p, path=p.merge.output_dir)
 
@@ -239,6 +245,26 @@ def test_kill_9_inside_a_stage_keeps_whole_outputs_and_a_rerun_completes(project
     run_stage(stage, params)
     assert not leftovers(outs)
     check(params, before, versions)
+
+
+def test_kill_9_between_registration_and_merge_report_registers_once(project, stages):
+    """The version is created, then merge dies before merge.json: the re-run finds it by its weights."""
+    params, params_file = project
+    weights = read_json(params.report("merge.json"))[registry.WEIGHTS_TAG]
+    for version in with_weights(params, weights):  # unregister them, so that this merge registers anew
+        registry.client(params).delete_model_version(params.registry.model_name, version)
+    report, versions = snapshot(params.report("merge.json")), model_versions(params)
+
+    code, log = stages.run("merge", params_file, env={FAULT_KILL_ENV: "merge.json"})
+    assert code == -signal.SIGKILL, log
+    registered = with_weights(params, weights)
+    assert len(registered) == 1 and model_versions(params) == sorted([*versions, *registered], key=int)
+    assert snapshot(params.report("merge.json")) == report  # killed before its report replaced the old one
+
+    run_stage("merge", params)
+    assert with_weights(params, weights) == registered and read_json(params.report("merge.json"))["version"] \
+        == registered[0]
+    assert registry.alias_version(params, registry.CHALLENGER) == registered[0]
 
 
 def test_kill_9_inside_bootstrap_leaves_no_model_and_a_rerun_builds_it(stages, tmp_path):
