@@ -15,7 +15,8 @@ new tokens over all rows.
 
     python bench/quantize_bench.py --out bench/results/quantize_h200.jsonl    # one GPU, about 6 minutes
     python bench/quantize_bench.py --shape tiny --kinds int8 --steps 30      # CPU smoke run
-Prints one JSON line per model and one with the retentions.
+Prints one JSON line per model and one with the retentions. Needs, besides torch and transformers:
+torchao, and the evaluate stage's scorers rouge-score and sacrebleu (on a bare GPU machine, from wheels).
 """
 
 from __future__ import annotations
