@@ -37,14 +37,14 @@ class DPOTunelineTrainer(engine.TunelineTrainer, DPOTrainer):
 
 
 class RewardLog(TrainerCallback):
-    """Each logged step's preference figures to MLflow: `rewards/margins` becomes `dpo.rewards.margins`."""
+    """Each logged step's preference figures to MLflow: `rewards/margins` becomes `dpo.rewards.margins`.
+
+    Through tracking's outbox, as the health log's: a tracking server outage does not stop training."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         figures = {f"dpo.{key.replace('/', '.')}": float(v) for key, v in (logs or {}).items() if "/" in key}
         if figures and state.is_world_process_zero:
-            import mlflow
-
-            mlflow.log_metrics(figures, step=state.global_step)
+            tracking.log_metrics(figures, step=state.global_step)
 
 
 def row(record: dict, template: str) -> dict:
