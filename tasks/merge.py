@@ -66,7 +66,7 @@ def run(params: Params) -> dict:
     with atomic_dir(params.merge.output_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-    quantized = quantize.export(params, tokenizer) if params.merge.quantize != "none" else None
+    quantized = quantize.export(params, tokenizer, model) if params.merge.quantize != "none" else None
 
     data_files = [remote.local_path(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
     tags = {"tuneline.git_commit": tracking.git_commit(),

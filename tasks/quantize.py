@@ -14,7 +14,6 @@ from pathlib import Path
 from tasks.atomic import atomic_dir, write_json
 from tasks.config import Params
 from tasks.errors import TunelineError
-from tasks.models import load_model
 
 # torchao 0.18's int4 weight-only tensors need CUDA kernels: the default packing imports mslk (a GPU
 # library), tile_packed_to_4d uses torch's tinygemm CUDA kernel, and there is no CPU packing.
@@ -73,8 +72,11 @@ def size_mib(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.glob("*.safetensors")) / 2**20, 3)
 
 
-def export(params: Params, tokenizer) -> dict:
-    """Write the quantized copy beside the merged model, score both, write reports/quantize.json."""
+def export(params: Params, tokenizer, merged) -> dict:
+    """Write the quantized copy beside the merged model, score both, write reports/quantize.json.
+
+    `merged` is the merged model the merge stage holds: it is scored on the copy's device, then put back
+    where it was (registration logs it from there), before the copy loads."""
     from tasks import evaluate
 
     kind, full_dir, out_dir = params.merge.quantize, params.merge.output_dir, quantized_dir(params)
@@ -84,9 +86,14 @@ def export(params: Params, tokenizer) -> dict:
 
     records, examples = evaluate.eval_inputs(params)
     prompts, references = evaluate.prompts_and_references(records, params, tokenizer)
-    scores = {name: evaluate.score_model(model, tokenizer, params, prompts, references, examples)[0]
-              for name, model in (("full", load_model(params, path=full_dir).to(device())),
-                                  ("quantized", load_quantized(out_dir)))}
+
+    def score(model) -> dict:
+        return evaluate.score_model(model, tokenizer, params, prompts, references, examples)[0]
+
+    home = merged.device
+    scores = {"full": score(merged.to(device()))}
+    merged.to(home)
+    scores["quantized"] = score(load_quantized(out_dir))
     full, quant = scores["full"]["rouge_l"], scores["quantized"]["rouge_l"]
     report = {"quantize": kind, "model_dir": str(out_dir), "num_samples": len(records),
               "size_mib": {"full": size_mib(full_dir), "quantized": size_mib(out_dir)},
