@@ -30,11 +30,11 @@ def client(params: Params):
     return MlflowClient()
 
 
-def weights_version(params: Params, weights_md5: str) -> str | None:
-    """The version already registered with these weights (tag WEIGHTS_TAG), if any."""
-    found = client(params).search_model_versions(
+def versions_with_weights(params: Params, weights_md5: str, c=None) -> list[str]:
+    """The versions registered with these weights (tag WEIGHTS_TAG), oldest first; `c` an MlflowClient to reuse."""
+    found = (c or client(params)).search_model_versions(
         f"name='{params.registry.model_name}' and tag.`{WEIGHTS_TAG}`='{weights_md5}'")
-    return min((str(v.version) for v in found), key=int, default=None)
+    return sorted((str(v.version) for v in found), key=int)
 
 
 def register(params: Params, model, tokenizer, tags: dict[str, str]) -> str:
@@ -45,9 +45,10 @@ def register(params: Params, model, tokenizer, tags: dict[str, str]) -> str:
     merge.json, or a re-trained identical model) are not registered again; their version is returned."""
     import mlflow
 
-    name = params.registry.model_name
-    version = weights_version(params, tags[WEIGHTS_TAG]) if WEIGHTS_TAG in tags else None
-    if version is not None:
+    name, c = params.registry.model_name, client(params)
+    existing = versions_with_weights(params, tags[WEIGHTS_TAG], c) if WEIGHTS_TAG in tags else []
+    if existing:
+        version = existing[0]
         log.info(f"merge: these weights are already registered as {name} version {version}; not registered again")
     else:
         info = mlflow.transformers.log_model(
@@ -57,7 +58,7 @@ def register(params: Params, model, tokenizer, tags: dict[str, str]) -> str:
             pip_requirements=PIP_REQUIREMENTS,
         )
         version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
-    client(params).set_registered_model_alias(name, CHALLENGER, version)
+    c.set_registered_model_alias(name, CHALLENGER, version)
     return version
 
 

@@ -212,15 +212,10 @@ def rerun_gate(p: Params, before: dict, versions: list[str]) -> None:
     assert snapshot(p.report("gate.json")) == before[p.report("gate.json")]
 
 
-def with_weights(p: Params, weights_md5: str) -> list[str]:
-    found = registry.client(p).search_model_versions(
-        f"name='{p.registry.model_name}' and tag.`{registry.WEIGHTS_TAG}`='{weights_md5}'")
-    return sorted((str(v.version) for v in found), key=int)
-
-
 def rerun_merge(p: Params, before: dict, versions: list[str]) -> None:
     report = read_json(p.report("merge.json"))
-    assert with_weights(p, report[registry.WEIGHTS_TAG]) == [report["version"]]  # these weights: one version
+    # these weights: one version
+    assert registry.versions_with_weights(p, report[registry.WEIGHTS_TAG]) == [report["version"]]
     assert model_versions(p) == versions  # the project's merge registered them already: nothing new
     assert snapshot(p.merge.output_dir) == before[p.merge.output_dir]
     load_model(p, path=p.merge.output_dir)
@@ -251,19 +246,20 @@ def test_kill_9_between_registration_and_merge_report_registers_once(project, st
     """The version is created, then merge dies before merge.json: the re-run finds it by its weights."""
     params, params_file = project
     weights = read_json(params.report("merge.json"))[registry.WEIGHTS_TAG]
-    for version in with_weights(params, weights):  # unregister them, so that this merge registers anew
+    # unregister them, so that this merge registers anew
+    for version in registry.versions_with_weights(params, weights):
         registry.client(params).delete_model_version(params.registry.model_name, version)
     report, versions = snapshot(params.report("merge.json")), model_versions(params)
 
     code, log = stages.run("merge", params_file, env={FAULT_KILL_ENV: "merge.json"})
     assert code == -signal.SIGKILL, log
-    registered = with_weights(params, weights)
+    registered = registry.versions_with_weights(params, weights)
     assert len(registered) == 1 and model_versions(params) == sorted([*versions, *registered], key=int)
     assert snapshot(params.report("merge.json")) == report  # killed before its report replaced the old one
 
     run_stage("merge", params)
-    assert with_weights(params, weights) == registered and read_json(params.report("merge.json"))["version"] \
-        == registered[0]
+    assert registry.versions_with_weights(params, weights) == registered
+    assert read_json(params.report("merge.json"))["version"] == registered[0]
     assert registry.alias_version(params, registry.CHALLENGER) == registered[0]
 
 
