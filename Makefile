@@ -1,8 +1,13 @@
 # The two set-up commands of README.md. Both install first (idempotent, seconds when done).
-.PHONY: install run test lint
+.PHONY: install lock run test lint
 
 install:
 	./scripts/install.sh
+
+# Resolve pyproject.toml and scripts/lock/*.in again; commit the lock files with the change that needed it.
+lock:
+	[ -x .venv/bin/uv ] || { python3 -m venv .venv && .venv/bin/python -m pip install --quiet uv; }
+	.venv/bin/python scripts/lock.py
 
 run: install
 	PATH="$(CURDIR)/.venv/bin:$$PATH" tuneline run

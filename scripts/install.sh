@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv and install Tuneline with its whole stack (and the dev tools).
-# torch goes first through pip: TORCH_SPEC pins the CPU build this project is
-# tested with (override it on a GPU machine, e.g. TORCH_SPEC="torch==2.11.0").
-# uv then resolves everything else in seconds, seeing torch as already satisfied.
+# Create .venv and install exactly requirements.lock into it (Tuneline's whole stack, the dev tools, the
+# default base model's package), then Tuneline itself, editable. Idempotent: seconds once done.
+# The lock is for CPython 3.11 on Linux x86_64 with the machine's local CPU build of torch (/opt/wheels);
+# elsewhere, `make lock` resolves a lock for the machine at hand (README: Installs are locked).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+UV_SPEC=$(grep -o "^uv==[^ ]*" requirements.lock)  # the lock's own, so that the sync keeps it
+"$PYTHON" scripts/lock.py --check
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --disable-pip-version-check uv "$TORCH_SPEC"
-.venv/bin/uv pip install --quiet --python .venv/bin/python -e ".[dev]"
-# checkov (tests/test_infra.py) gets its own environment: it pins boto3, packaging and networkx to
-# versions that clash with DVC's and Ray's, so it cannot share .venv's packages.
-[ -x .venv/checkov/bin/checkov ] || { .venv/bin/uv venv --quiet --clear --python .venv/bin/python .venv/checkov \
-  && .venv/bin/uv pip install --quiet --python .venv/checkov/bin/python "checkov==3.3.30"; }
-echo "installed: $(.venv/bin/tuneline --help >/dev/null && echo tuneline) into .venv"
+[ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet --disable-pip-version-check "$UV_SPEC"
+sync() { .venv/bin/uv pip sync --quiet --require-hashes --find-links /opt/wheels --python "$1" "$2"; }
+sync .venv/bin/python requirements.lock
+.venv/bin/uv pip install --quiet --no-deps --python .venv/bin/python -e .
+[ -x .venv/checkov/bin/python ] || .venv/bin/uv venv --quiet --python .venv/bin/python .venv/checkov
+sync .venv/checkov/bin/python requirements-checkov.lock
+.venv/bin/python scripts/lock.py --verify
