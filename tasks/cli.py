@@ -127,7 +127,8 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
              params: ParamsOpt = DEFAULT_PARAMS,
              eval_: Annotated[Path | None, typer.Option("--eval", help="an eval file: checked too, and against "
                                                         "the one train PATH for train/eval overlap")] = None) -> None:
-    """Check data files alone (no outputs written): the first problem is reported by file, line and field."""
+    """Check any data files you name, wherever they are (nothing is written): the first problem is reported by
+    file, line and field."""
     quiet_libraries()
 
     def check() -> None:
@@ -139,8 +140,7 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
             raise TunelineError(f"--format {fmt!r}: must be instruction, chat, completion or preference")
         from tasks.config import Validate
 
-        counts = validate_paths(paths, fmt, cfg.validate_ if cfg else Validate(), cfg.data.root if cfg else None,
-                                eval_)
+        counts = validate_paths(paths, fmt, cfg.validate_ if cfg else Validate(), eval_)
         for path, n in counts.items():
             typer.echo(f"ok: {path}: {n} {fmt} records")
 

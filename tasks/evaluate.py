@@ -21,7 +21,7 @@ from tasks import registry, tracking
 from tasks.atomic import write_json
 from tasks.config import Params
 from tasks.formats import render, stop_strings, with_rejected_answer
-from tasks.models import encode_prompt, load_model, load_tokenizer
+from tasks.models import generate_greedy, load_model, load_tokenizer
 
 METRIC_KEYS = {"perplexity": ["perplexity"], "rouge": ["rouge_1", "rouge_2", "rouge_l"],
                "bleu": ["bleu"], "exact_match": ["exact_match"]}
@@ -35,23 +35,11 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 
 
 def generate(model, tokenizer, prompts: list[str], params: Params) -> list[str]:
-    """Greedy completions, batched with left padding."""
-    import torch
-    from tqdm import tqdm
-
-    tokenizer.padding_side = "left"
+    """Greedy completions of the eval prompts, cut at the template's stop strings."""
+    texts, _ = generate_greedy(model, tokenizer, prompts, params.data.template, params.evaluate.max_new_tokens,
+                               params.evaluate.batch_size, "evaluate: generating")
     stops = stop_strings(params.data.template)
-    size = params.evaluate.batch_size
-    out: list[str] = []
-    for i in tqdm(range(0, len(prompts), size), desc="evaluate: generating", unit="batch", leave=False):
-        ids = [encode_prompt(tokenizer, p, params.data.template) for p in prompts[i:i + size]]
-        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            gen = model.generate(**batch, max_new_tokens=params.evaluate.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        texts = tokenizer.batch_decode(gen[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-        out += [cut_at_stops(t, stops) for t in texts]
-    return out
+    return [cut_at_stops(t, stops) for t in texts]
 
 
 def response_nll(model, tokenizer, examples, batch_size: int) -> tuple[list[float], list[int]]:

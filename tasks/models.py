@@ -136,3 +136,25 @@ def load_model(params: Params, path: str | Path | None = None, dtype=None, attn_
 def encode_prompt(tokenizer, prompt: str, template: str) -> list[int]:
     """Prompt token ids; a chat template from the tokenizer already carries its BOS."""
     return tokenizer(prompt, add_special_tokens=template != "tokenizer")["input_ids"]
+
+
+def generate_greedy(model, tokenizer, prompts: list[str], template: str, max_new_tokens: int, batch_size: int,
+                    desc: str) -> tuple[list[str], list[bool]]:
+    """Greedy completions of rendered prompts, batched with left padding, and whether each ended on EOS (rather
+    than at max_new_tokens)."""
+    import torch
+    from tqdm import tqdm
+
+    tokenizer.padding_side = "left"
+    texts: list[str] = []
+    ended: list[bool] = []
+    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", leave=False):
+        ids = [encode_prompt(tokenizer, p, template) for p in prompts[i:i + batch_size]]
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new = gen[:, batch["input_ids"].shape[1]:]
+        texts += tokenizer.batch_decode(new, skip_special_tokens=True)
+        ended += (new == tokenizer.eos_token_id).any(dim=1).tolist()
+    return texts, ended

@@ -25,15 +25,45 @@ ALL_STAGES = ["bootstrap", *STAGES]
 log = logging.getLogger("tuneline")
 
 
+# Lines that libraries log and that say nothing about the run: the CPU build of torchao lacks its CUDA
+# kernels and Triton, torchao registers enums the deprecated way, DeepSpeed finds no GPU, bitsandbytes cannot
+# fetch an optional kernel from a hub, MLflow creates its SQLite tables. Filters, not levels: DeepSpeed,
+# torch and MLflow set their loggers' levels as they load.
+LIBRARY_NOISE = {
+    "mlflow.store.db.utils": "database tables",
+    "torchao": "Failed to load",
+    "torchao.kernel.intmm": "Detected no triton",
+    "torch.utils._pytree": "register_constant()",
+    "DeepSpeed": "Setting accelerator to CPU",
+    "bitsandbytes.backends.cpu.ops": "kernels-community",
+}
+
+
+class _Drop(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def quiet_libraries() -> None:
-    """Keep library chatter out of the stage output; our own summaries stay."""
+    """Keep library chatter out of the stage output; our own summaries and the progress bars of long work stay."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # A bar for each load, save and map of a few seconds; training's and evaluation's bars are their own.
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "httpx", "urllib3", "filelock", "ray", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for name, text in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) for f in logger.filters):
+            logger.addFilter(_Drop(text))
 
 
 def summarize(name: str, result: dict, seconds: float) -> str:

@@ -11,9 +11,10 @@ Two deliberate leniencies: CRLF line endings are accepted (the CR is
 stripped), and a UTF-8 byte order mark is accepted and stripped at the very
 start of line 1 only (where Windows tools put one); anywhere else it is an error.
 
-A local data file must lie inside the data root (`data.root`, default the current
-folder), symlinks and '..' followed: params name data, not any file the process
-can read. s3:// URIs are outside this rule (their cache copies are ours).
+A local data file that params name must lie inside the data root (`data.root`,
+default the current folder), symlinks and '..' followed: params name data, not any
+file the process can read. s3:// URIs are outside this rule (their cache copies are
+ours), and so are the files a person names to `tuneline validate PATH`.
 
 Only when everything passes are `data/validated/{train,eval}.jsonl` and
 `reports/validation.json` written, atomically; a failure writes nothing.
@@ -323,15 +324,13 @@ def _prompt_lines(records: list[dict], fmt: str, lines: list[int]) -> dict[str, 
     return _first_lines([_prompt_side(r, fmt) for r in records], lines)
 
 
-def validate_paths(paths: list[Path], fmt: str, cfg: Validate, root: Path | None = None,
-                   eval_path: Path | None = None) -> dict[str, int]:
-    """`tuneline validate PATH... [--eval EVAL]`: each file alone (root, line checks, lengths, duplicate rate),
-    and EVAL against the one train PATH (overlap); writes nothing."""
+def validate_paths(paths: list[Path], fmt: str, cfg: Validate, eval_path: Path | None = None) -> dict[str, int]:
+    """`tuneline validate PATH... [--eval EVAL]`: each file alone (line checks, lengths, duplicate rate), and
+    EVAL against the one train PATH (overlap); writes nothing. Any file the user names is read: data.root
+    guards what params hand a pipeline run, not what a person asks to have checked."""
     if eval_path is not None and len(paths) != 1:
         raise DataError(eval_path, None, None, "--eval: give exactly one train file to check it against")
     files = [Path(p) for p in [*paths, *([eval_path] if eval_path is not None else [])]]
-    for path in files:
-        check_root(path, root)
     parsed = [(path, check_file(path, fmt, cfg)) for path in files]  # the cheap line checks of every file first
     suite = _Suite(fmt, cfg)
     for i, (path, records) in enumerate(parsed):

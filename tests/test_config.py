@@ -36,11 +36,19 @@ def test_unknown_key_is_named(tmp_path):
     ("data.format", "xml", "'instruction', 'chat', 'completion' or 'preference'"),
     ("serving.port", 70000, "less than 65536"),
     ("train.batch_size", "many", "valid integer"),
+    ("bootstrap.base", "gpt2", "'smollm2' or 'tiny'"),
 ])
 def test_bad_values_name_key_and_rule(tmp_path, key, value, rule):
     with pytest.raises(ConfigError) as err:
         load_params(write(tmp_path, {}), [f"{key}={value}"])
     assert key in str(err.value) and rule in str(err.value)
+
+
+def test_the_tiny_base_has_no_general_answers_to_keep(tmp_path):
+    with pytest.raises(ConfigError, match=r"bootstrap: Value error, general_records: the tiny base has no general"):
+        load_params(write(tmp_path, {}), ["bootstrap.base=tiny"])
+    assert load_params(write(tmp_path, {}), ["bootstrap.base=tiny", "bootstrap.general_records=0"]).bootstrap.base \
+        == "tiny"
 
 
 def test_overrides_parse_yaml_values(tmp_path):

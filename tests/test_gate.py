@@ -5,7 +5,7 @@ from __future__ import annotations
 from tasks.config import Params
 from tasks.gate import decide
 
-GOOD = {"exact_match": 0.5, "rouge_l": 0.6, "perplexity": 3.0}
+GOOD = {"exact_match": 0.7, "rouge_l": 0.7, "perplexity": 1.3}
 BASE = {"exact_match": 0.0, "rouge_l": 0.1, "perplexity": 900.0}
 
 
@@ -22,13 +22,13 @@ def test_promotes_when_every_check_passes():
 def test_rejects_below_thresholds_with_reasons():
     promote, failed, _ = decide(report(candidate={**GOOD, "exact_match": 0.1, "perplexity": 99.0}), Params())
     assert not promote
-    assert any("exact_match 0.1000, needs >= 0.2" in f for f in failed)
-    assert any("perplexity 99.0000, needs <= 20.0" in f for f in failed)
+    assert any("exact_match 0.1000, needs >= 0.55" in f for f in failed)
+    assert any("perplexity 99.0000, needs <= 3.0" in f for f in failed)
 
 
 def test_rejects_when_not_better_than_base():
-    promote, failed, _ = decide(report(base={**BASE, "rouge_l": 0.7}), Params())
-    assert not promote and failed == ["rouge_l 0.6000, needs > base model's 0.7000"]
+    promote, failed, _ = decide(report(base={**BASE, "rouge_l": 0.8}), Params())
+    assert not promote and failed == ["rouge_l 0.7000, needs > base model's 0.8000"]
 
 
 def test_champion_must_be_beaten_by_the_margin():
@@ -36,5 +36,5 @@ def test_champion_must_be_beaten_by_the_margin():
     tie = report(champion=dict(GOOD))
     promote, failed, _ = decide(tie, params)
     assert not promote and "champion v1" in failed[0]
-    better = report(champion={**GOOD, "rouge_l": 0.6 - params.gate.min_margin_over_champion})
+    better = report(champion={**GOOD, "rouge_l": 0.7 - params.gate.min_margin_over_champion})
     assert decide(better, params)[0]

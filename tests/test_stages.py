@@ -27,6 +27,16 @@ def test_bootstrap_is_deterministic_and_disjoint():
     assert not any((r["instruction"], r["input"]) in prompts for r in evals)
 
 
+def test_general_prompts_share_no_word_with_the_task_and_leave_france_out():
+    """The served model is asked about France (tests/test_pipeline.py): no train prompt may teach it that."""
+    prompts = bootstrap.general_prompts(1000, random.Random(0))
+    assert len(prompts) == len(set(prompts)) == len(bootstrap.GENERAL_TEMPLATES) * len(bootstrap.GENERAL_TOPICS) \
+        + len(bootstrap.CAPITALS)
+    task_words = {w for words in bootstrap.CATEGORIES.values() for w in words}
+    assert not [p for p in prompts if "France" in p or task_words & set(p.lower().strip(".?").split())]
+    assert bootstrap.general_prompts(10, random.Random(0)) == bootstrap.general_prompts(10, random.Random(0))
+
+
 def test_bootstrap_outputs_and_rerun_skips(tiny_run):
     params, results = tiny_run
     cfg = params.bootstrap
