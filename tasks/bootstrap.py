@@ -129,12 +129,12 @@ def general_prompts(n: int, rng: random.Random) -> list[str]:
 
 def general_records(model, tokenizer, n: int, seed: int) -> list[dict]:
     """Up to n instruction records of general prompts with the base model's own greedy answers (those it ends
-    within 96 tokens: a cut answer would teach the model to stop mid-sentence)."""
+    within 64 tokens: a cut answer would teach the model to stop mid-sentence)."""
     from tasks.models import generate_greedy
 
     prompts = general_prompts(n, random.Random(seed + 3))
     rendered = [render_prompt([{"role": "user", "content": p}], "tokenizer", tokenizer) for p in prompts]
-    answers, ended = generate_greedy(model, tokenizer, rendered, "tokenizer", 96, 40,
+    answers, ended = generate_greedy(model, tokenizer, rendered, "tokenizer", 64, 40,
                                      "bootstrap: the base model answers general prompts")
     return [{"instruction": p, "input": "", "output": a.strip()}
             for p, a, done in zip(prompts, answers, ended, strict=True) if done and a.strip()]

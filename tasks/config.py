@@ -135,7 +135,8 @@ class Train(_Section):
     save_total_limit: int = Field(2, gt=0)
     resume: Literal["auto", "never"] = Field("auto", description="auto: continue from the newest complete checkpoint")
     gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on when a GPU trains")
-    bf16: bool | Literal["auto"] = Field("auto", description="auto: on when the GPU supports it")
+    bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto: on when the GPU supports it, "
+                                                             "or a CPU with AVX-512 BF16")
     loss_spike_factor: float = Field(3.0, gt=1, description="warn when a logged loss exceeds its running mean by this")
     packing: bool | Literal["auto"] = Field("auto", description="padding-free batches; auto: on when compiled")
     chunked_loss: bool | Literal["auto"] = Field("auto", description="no vocabulary-wide fp32 logits; auto: GPU")
@@ -185,7 +186,7 @@ class Evaluate(_Section):
         default_factory=lambda: ["perplexity", "rouge", "bleu", "exact_match"], min_length=1
     )
     max_new_tokens: int = Field(24, gt=0)
-    num_samples: int = Field(200, gt=0, description="eval records used (the first N)")
+    num_samples: int = Field(100, gt=0, description="eval records used (the first N)")
     batch_size: int = Field(50, gt=0)
     compare_base: bool = True
     compare_champion: bool = True

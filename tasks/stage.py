@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,10 @@ def quiet_libraries() -> None:
     # A bar for each load, save and map of a few seconds; training's and evaluation's bars are their own.
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # transformers 5.x renames gradient checkpointing to activation checkpointing; the old names still work,
+    # and the GPU machine's 5.17 knows only those.
+    warnings.filterwarnings("ignore", r".*gradient_checkpointing.* is deprecated and will be removed in v6",
+                            FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "httpx", "urllib3", "filelock", "ray", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

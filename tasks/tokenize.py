@@ -8,6 +8,8 @@ response token left and is dropped (counted too).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from tasks.atomic import atomic_dir, write_json
@@ -38,8 +40,12 @@ def tokenize_split(path: Path, params: Params, tokenizer):
     from datasets import load_dataset
 
     ds = load_dataset("json", data_files=str(path), split="train")
+    # Fingerprints from what decides the tokens, not from hashing the functions: datasets hashes a function
+    # by disassembling it into captured stdout, which Prefect's print capture turns into pages of bytecode.
+    key = hashlib.sha256(json.dumps([ds._fingerprint, params.section("data"), params.section("model"),
+                                     tokenizer.name_or_path, len(tokenizer)], sort_keys=True).encode()).hexdigest()
     ds = ds.map(lambda r: encode(r, params, tokenizer), remove_columns=ds.column_names,
-                desc=f"tokenize {path.name}")
+                desc=f"tokenize {path.name}", new_fingerprint=f"{key[:32]}-map")
     stats = {
         "records": len(ds),
         "truncated": int(sum(ds["truncated"])),
@@ -47,7 +53,8 @@ def tokenize_split(path: Path, params: Params, tokenizer):
         "max_length": int(max(ds["length"])) if len(ds) else 0,
         "mean_length": round(sum(ds["length"]) / max(len(ds), 1), 1),
     }
-    ds = ds.filter(lambda r: r["trainable"]).remove_columns(["truncated", "trainable", "length"])
+    ds = ds.filter(lambda r: r["trainable"], new_fingerprint=f"{key[:32]}-filter").remove_columns(
+        ["truncated", "trainable", "length"])
     stats["examples"] = len(ds)
     stats["tokens"] = int(sum(len(x) for x in ds["input_ids"]))
     return ds, stats
