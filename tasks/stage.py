@@ -79,9 +79,11 @@ def summarize(name: str, result: dict, seconds: float) -> str:
 def run_stage(name: str, params: Params) -> dict:
     if name not in ALL_STAGES:
         raise TunelineError(f"unknown stage {name!r}; stages are: {', '.join(ALL_STAGES)}")
-    if Path(params.model.base).exists() or params.model.base.startswith("s3://"):
+    base = params.model.base
+    if Path(base).exists() or base.startswith("s3://") or Path(base) == params.bootstrap.model_dir:
         # A local base model needs no hub; without this, MLflow and transformers still ask it
-        # (model cards, metadata) and wait for the network to time out.
+        # (model cards, metadata) and wait for the network to time out. Bootstrap's folder counts before
+        # bootstrap makes it: huggingface_hub reads the variable once, when a stage first imports it.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     module = importlib.import_module(f"tasks.{name}")
     start = time.perf_counter()
