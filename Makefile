@@ -1,5 +1,5 @@
 # The two set-up commands of README.md. Both install first (idempotent, seconds when done).
-.PHONY: install lock run test lint
+.PHONY: install lock lock-upgrade run test test-fast lint
 
 install:
 	./scripts/install.sh
@@ -8,6 +8,11 @@ install:
 lock:
 	[ -x .venv/bin/uv ] || { python3 -m venv .venv && .venv/bin/python -m pip install --quiet uv; }
 	.venv/bin/python scripts/lock.py
+
+# The same, taking the newest releases that fit pyproject's ranges (make lock keeps the pinned ones).
+lock-upgrade:
+	[ -x .venv/bin/uv ] || { python3 -m venv .venv && .venv/bin/python -m pip install --quiet uv; }
+	.venv/bin/python scripts/lock.py --upgrade
 
 run: install
 	PATH="$(CURDIR)/.venv/bin:$$PATH" tuneline run

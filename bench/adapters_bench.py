@@ -60,7 +60,7 @@ def make_adapters(base: Path, n: int, dest: Path) -> list[Path]:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tasks.config import Lora
+    from tuneline.config import Lora
 
     lora = Lora()
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -100,8 +100,8 @@ def main() -> None:
     from ray import serve
 
     from serving.adapters import adapter_app, register_adapter
-    from serving.engine import CACHE_ENV
-    from tasks.config import Params
+    from serving.inference import CACHE_ENV
+    from tuneline.config import Params
 
     with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:
         root = Path(tmp)

@@ -28,8 +28,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     args = parser.parse_args()
 
-    from tasks.config import load_params
-    from tasks.stage import quiet_libraries, run_stage
+    from tasks import run_stage
+    from tuneline.config import load_params
+    from tuneline.logs import quiet_libraries
 
     quiet_libraries()
     root = Path(tempfile.mkdtemp(prefix="tuneline-quality-"))

@@ -54,7 +54,7 @@ class ZipfTokens(torch.utils.data.Dataset):
 
 
 def params_for(args, root: Path):
-    from tasks.config import Params
+    from tuneline.config import Params
 
     config_dir = root / f"base-config-{os.environ.get('RANK', '0')}"
     base_model_config(args.seq).save_pretrained(config_dir)  # FSDP reads the layer class from it
@@ -84,12 +84,12 @@ def tiny_tokenizer():
 def bench(args) -> dict:
     from transformers import TrainerCallback
 
-    from tasks import engine
-    from tasks.train import _training_args, save_adapter, with_adapter
+    from tuneline.training import engine
+    from tuneline.training.trainer import save_adapter, training_args, with_adapter
 
     root = Path(args.workdir)
     params = params_for(args, root)
-    training_args = _training_args(params, has_eval=False)
+    targs = training_args(params, has_eval=False)
     model = with_adapter(base_model(args.seq), params)
     losses, marks = [], {}
 
@@ -104,14 +104,14 @@ def bench(args) -> dict:
                 losses.append(float(logs["loss"]))
 
     torch.cuda.reset_peak_memory_stats()
-    trainer = engine.TunelineTrainer(model=model, args=training_args,
+    trainer = engine.TunelineTrainer(model=model, args=targs,
                                      train_dataset=ZipfTokens(args.steps * args.bs * 8, args.seq),
                                      callbacks=[Clock()])
     trainer.train()
-    world = training_args.world_size
+    world = targs.world_size
     seconds = marks[args.steps] - marks[args.warmup]
     tokens_per_s = (args.steps - args.warmup) * args.bs * args.seq * world / seconds
-    save_adapter(params, trainer, tiny_tokenizer(), is_main=training_args.process_index == 0)
+    save_adapter(params, trainer, tiny_tokenizer(), is_main=targs.process_index == 0)
     return {"strategy": args.strategy if args.strategy != "deepspeed" else f"zero{args.zero_stage}",
             "gpus": world, "seq": args.seq, "bs_per_gpu": args.bs, "steps": args.steps,
             "tokens_per_s": round(tokens_per_s), "tokens_per_s_per_gpu": round(tokens_per_s / world),

@@ -91,7 +91,7 @@ def project(base: Path, name: str, default: bool) -> Path:
 def timed_run(root: Path, e: dict[str, str], *args: str) -> tuple[float, bool]:
     """(wall seconds of the command, whether every stage came from the cache)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "run", *args], cwd=root, env=e, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", *args], cwd=root, env=e, capture_output=True,
                           text=True, timeout=3600)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:

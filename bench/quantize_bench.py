@@ -2,9 +2,9 @@
 
 There is no model hub here, so the model is the 1B Llama shape of bench/train_bench.py (hidden 2048,
 16 layers, vocabulary 128,256) with tied embeddings as in Llama 3.2 1B, trained from random init on the
-embedded default's task until it answers: tasks.bootstrap's records and tokenizer, tasks.tokenize.encode's
+embedded default's task until it answers: tasks.bootstrap's records and tokenizer, tuneline.models.encode's
 response-only labels. It is saved in bf16 as the merge stage saves a merged model. Each quantized copy is
-made by tasks.quantize (torchao weight-only, quantized while loading, saved as safetensors, loaded back
+made by tuneline.quantize (torchao weight-only, quantized while loading, saved as safetensors, loaded back
 from disk) and scored by the evaluate stage's own score_model (perplexity of the eval answers, greedy answers
 to the eval prompts, ROUGE-L, exact match) on the same records as the full model. Retention = ROUGE-L(copy) /
 ROUGE-L(full); the perplexity ratio shows the smaller losses that do not change a greedy answer.
@@ -121,10 +121,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
 
-    from tasks import evaluate, quantize
-    from tasks.config import Params
-    from tasks.models import encode_prompt, load_model
-    from tasks.tokenize import encode
+    from tuneline import quantize, scoring
+    from tuneline.config import Params
+    from tuneline.models import encode, encode_prompt, load_model
 
     device = quantize.device()
     print("torch", torch.__version__, torch.cuda.get_device_name() if device == "cuda" else "cpu", flush=True)
@@ -140,7 +139,7 @@ def main() -> None:
     tokenizer.save_pretrained(str(full_dir))
     del model
 
-    prompts, references = evaluate.prompts_and_references(evals, params, tokenizer)
+    prompts, references = scoring.prompts_and_references(evals, params, tokenizer)
     examples = [{k: e[k] for k in ("input_ids", "attention_mask", "labels")}
                 for e in (encode(r, params, tokenizer) for r in evals)]
     speed_ids = encode_prompt(tokenizer, prompts[0], params.data.template)
@@ -152,7 +151,7 @@ def main() -> None:
             path = full_dir.with_name(f"{full_dir.name}-{kind}")
             quantize.load_quantized(full_dir, kind).save_pretrained(str(path), safe_serialization=True)
             model = quantize.load_quantized(path)
-        scores, predictions = evaluate.score_model(model, tokenizer, params, prompts, references, examples)
+        scores, predictions = scoring.score_model(model, tokenizer, params, prompts, references, examples)
         r = {"model": kind, "shape": args.shape, "size_mib": quantize.size_mib(path),
              "loaded_weights_mib": weight_mib(model), **scores,
              "decode_tok_s_bs1_eager": decode_speed(model, speed_ids, 1, compiled=False),

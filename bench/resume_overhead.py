@@ -1,7 +1,7 @@
 """Resume overhead: from the restart of a killed train stage to its first new optimizer step.
 
 Builds a small project in a temp folder (bootstrap, validate, tokenize), starts
-`python -m tasks.train`, kills it with SIGKILL once checkpoint-K exists, starts
+`python -m tasks train`, kills it with SIGKILL once checkpoint-K exists, starts
 it again and times the restart until the journal shows step K+1. Also times a
 cold start (no checkpoint) to step 1, the same way, for comparison.
 
@@ -46,7 +46,8 @@ def main() -> None:
     import yaml
     from conftest import tiny_params
 
-    from tasks.stage import quiet_libraries, run_stage
+    from tasks import run_stage
+    from tuneline.logs import quiet_libraries
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=60)
@@ -60,7 +61,7 @@ def main() -> None:
         run_stage(name, params)
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
-    cmd = [sys.executable, "-m", "tasks.train", "--params", str(path)]
+    cmd = [sys.executable, "-m", "tasks", "train", "--params", str(path)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     journal = params.train.checkpoint_dir / "train_log.jsonl"
     ckpt = params.train.checkpoint_dir / f"checkpoint-{args.kill_after}"

@@ -43,7 +43,7 @@ SEED = 1234
 
 def _corpus(n: int = 400) -> list[str]:
     from tasks.bootstrap import generate_records
-    from tasks.formats import ALPACA_HEADER
+    from tuneline.formats import ALPACA_HEADER
 
     records = generate_records(n, random.Random(SEED), set())
     return [ALPACA_HEADER] + [f"{r['instruction']}\n\n{r['input']}\n\n{r['output']}" for r in records]
@@ -54,7 +54,7 @@ def build_model(kind: str, dest: Path) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tasks.bootstrap import build_tokenizer
-    from tasks.config import TinyModel
+    from tuneline.config import TinyModel
 
     corpus = _corpus()
     torch.manual_seed(SEED)

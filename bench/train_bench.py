@@ -3,7 +3,7 @@
 Both run in this process on the same random-init Llama shape, the same data and
 the same GPU. The baseline is the hand-written loop a transformers + peft user
 writes (padded batches, full logits, loss inside the model). Tuneline's side is
-`tasks.train.build_trainer` with params: the real collator (packing), the
+`tuneline.training.trainer.build_trainer` with params: the real collator (packing), the
 chunked loss, torch.compile, gradient checkpointing as configured.
 
 Two datasets: fixed length (every row `seq` tokens: the shared baseline's setting)
@@ -17,7 +17,7 @@ baseline pads every batch to its longest row.
 Prints one JSON line per run and a ratio line per dataset.
 
 `--qlora` saves the random-init shape to disk (QLoRA quantizes while loading, through
-tasks.models.load_model as the train stage does), then trains `lora.method: qlora`
+tuneline.models.load_model as the train stage does), then trains `lora.method: qlora`
 and `lora` on the same learnable data (Zipf-distributed tokens from a 2,000-token
 subset, a 64-token motif repeating through each row), batch 1, checkpointing, and
 prints each run's peak memory and its mean loss over the last 50 steps.
@@ -164,14 +164,14 @@ def baseline(args, rows, data_kind, compile_: bool) -> dict:
 
 
 def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None = None) -> dict:
-    """Tuneline's engine: tasks.train.build_trainer with the params below, timed between steps.
+    """Tuneline's engine: tuneline.training.trainer.build_trainer with the params below, timed between steps.
 
     With `model_dir` the model loads as the train stage loads it (4-bit for qlora)."""
     from transformers import TrainerCallback
 
     from tasks.bootstrap import build_tokenizer
-    from tasks.config import Params
-    from tasks.train import _training_args, attention, build_trainer, load_base, with_adapter
+    from tuneline.config import Params
+    from tuneline.training.trainer import attention, build_trainer, load_base, training_args, with_adapter
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -188,8 +188,8 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
         "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens},
         "lora": {"method": method, "r": 16, "alpha": 32, "target_modules": TARGETS},
         "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
-    training_args = _training_args(params, has_eval=False)
-    training_args.dataloader_drop_last = True
+    targs = training_args(params, has_eval=False)
+    targs.dataloader_drop_last = True
     if model_dir:
         base = load_base(params)
     else:
@@ -207,7 +207,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
                 marks[state.global_step] = (time.perf_counter(), state.num_input_tokens_seen)
 
     tokenizer = build_tokenizer(["bench"], 300)
-    trainer, restore = build_trainer(params, training_args, model, tokenizer, rows,
+    trainer, restore = build_trainer(params, targs, model, tokenizer, rows,
                                      callbacks=[Clock()])
     trainer.train()
     restore()

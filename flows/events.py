@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.errors import TunelineError
+from tuneline.errors import TunelineError
 
 DATA_UPDATED = "tuneline.data.updated"
 

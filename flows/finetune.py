@@ -1,11 +1,11 @@
-"""The Prefect flow `finetune`: every stage of tasks/ as a Prefect task, in the order of tasks/stage.py.
+"""The Prefect flow `finetune`: every stage of tasks/ as a Prefect task, in the order of tasks.ALL_STAGES.
 
-Nothing here does the work: each task calls `tasks.stage.run_stage(name, params)`, as
+Nothing here does the work: each task calls `tasks.run_stage(name, params)`, as
 `dvc repro` and `tuneline stage` do. What the flow adds:
 
 - parameters: `overrides` (a typed form of every key of params.yaml, all optional; what you
   leave empty comes from params.yaml) and `sets` (dotted `KEY=VALUE`, as `tuneline run --set`);
-- a stage cache (flows/stages.py): a stage whose code, params and input data are unchanged,
+- a stage cache (flows/cache.py): a stage whose code, params and input data are unchanged,
   and whose outputs are still the ones it wrote, is not run again (state `Cached`). A re-run
   after a crash therefore continues at the stage that failed. Results persist under
   `orchestration.results_dir` in the project;
@@ -32,12 +32,12 @@ from prefect import flow, task
 from prefect.tasks import exponential_backoff
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from flows import stages
-from tasks.config import DEFAULT_PARAMS, Params, load_params
-from tasks.stage import ALL_STAGES
-from tasks.tracking import RUN_ID_ENV
+from flows import cache
+from tasks import ALL_STAGES
+from tuneline.config import DEFAULT_PARAMS, Params, load_params
+from tuneline.tracking import RUN_ID_ENV
 
-# The flow's stages: exactly the stage list of tasks/stage.py (a test checks it against dvc.yaml).
+# The flow's stages: exactly tasks.ALL_STAGES (a test checks it against dvc.yaml).
 STAGE_NAMES: list[str] = list(ALL_STAGES)
 LOCAL_ONLY = {"bootstrap"}  # makes files from config alone: nothing transient to retry
 StageName = Literal[tuple(ALL_STAGES)]  # type: ignore[valid-type]
@@ -140,8 +140,8 @@ _CONTEXT: dict[str, Any] = {}
 
 def _resumable_run(params: Params, params_hash: str) -> str | None:
     """The failed flow run's MLflow run that trained the cached candidate, if the params are the same."""
-    from tasks import tracking
-    from tasks.atomic import read_json
+    from tuneline import tracking
+    from tuneline.atomic import read_json
 
     report = params.report("train.json")
     if not report.exists():
@@ -170,7 +170,7 @@ def ensure_mlflow_run(stage: str, params: Params) -> None:
         return
     from mlflow import MlflowClient
 
-    from tasks import tracking
+    from tuneline import tracking
 
     params_hash = tracking.params_hash(params)
     tags = {"tuneline.entry": "prefect flow", "tuneline.params_hash": params_hash,
@@ -191,7 +191,7 @@ def ensure_mlflow_run(stage: str, params: Params) -> None:
         print(f"MLflow: continuing run {run_id} (the failed run that trained this candidate)")
     else:
         if after_train and params.report("train.json").exists():
-            from tasks.atomic import read_json
+            from tuneline.atomic import read_json
 
             tags["tuneline.candidate_run_id"] = str(read_json(params.report("train.json")).get("mlflow_run_id"))
         run_id = tracking.open_pipeline_run(params, f"finetune-{params.registry.model_name}", tags)
@@ -204,7 +204,8 @@ def ensure_mlflow_run(stage: str, params: Params) -> None:
 
 
 def _execute(name: str, params: Params) -> dict[str, Any]:
-    from tasks.stage import quiet_libraries, run_stage
+    from tasks import run_stage
+    from tuneline.logs import quiet_libraries
 
     quiet_libraries()
     start = time.perf_counter()
@@ -213,7 +214,7 @@ def _execute(name: str, params: Params) -> dict[str, Any]:
     result = run_stage(name, params)
     return {"stage": name, "result": json.loads(json.dumps(result, default=str)),
             "seconds": round(time.perf_counter() - opened, 2), "mlflow_open_s": round(opened - start, 2),
-            "mlflow_run_id": os.environ.get(RUN_ID_ENV), "outputs": stages.outputs(name, params)}
+            "mlflow_run_id": os.environ.get(RUN_ID_ENV), "outputs": cache.outputs(name, params)}
 
 
 def _stage_task(name: str):
@@ -221,7 +222,7 @@ def _stage_task(name: str):
         return _execute(name, params)
 
     stage_fn.__name__ = stage_fn.__qualname__ = name  # a task key of its own per stage
-    stage_fn.__doc__ = f"tasks/{name}.py: run({name!r} stage) through tasks.stage.run_stage."
+    stage_fn.__doc__ = f"tasks/{name}.py: run({name!r} stage) through tasks.run_stage."
     return task(stage_fn, name=name, cache_key_fn=lambda ctx, p: p["cache_key"], persist_result=True,
                 result_serializer="json", retry_condition_fn=retry_if_transient, retry_jitter_factor=0.5)
 
@@ -248,7 +249,7 @@ def _cached_outputs_intact(storage: Path, key: str, name: str, params: Params) -
         stored = store.read(key).result
     except Exception:  # an unreadable record is a miss
         return False
-    now = stages.outputs(name, params)
+    now = cache.outputs(name, params)
     return isinstance(stored, dict) and stored.get("outputs") == now and None not in now.values()
 
 
@@ -275,7 +276,7 @@ def _flow_run_name() -> str:
     try:
         params = resolve_params(p.get("params_path") or DEFAULT_PARAMS, p.get("overrides"), p.get("sets"))
         remote = any("://" in str(x) for x in (params.data.train_path, params.data.eval_path))
-        return run_name(params, None if remote else stages.data_hash(params))
+        return run_name(params, None if remote else cache.data_hash(params))
     except Exception:  # a bad config fails in the flow, with its message; the name must not
         return f"finetune-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
@@ -325,7 +326,7 @@ def finetune(
     from prefect.runtime import flow_run
 
     from flows import report
-    from tasks import tracking
+    from tuneline import tracking
 
     params = resolve_params(params_path, overrides, sets)
     forced = set(refresh or [])
@@ -337,7 +338,7 @@ def finetune(
     ok = False
     try:
         for name in STAGE_NAMES:
-            key = stages.cache_key(name, params)
+            key = cache.cache_key(name, params)
             fresh = name in forced or not _cached_outputs_intact(_storage(params), key, name, params)
             state = _with_options(name, params, fresh)(params, key, return_state=True)
             row = {"stage": name, "state": state.name, "key": key}
@@ -351,7 +352,7 @@ def finetune(
             if not state.is_completed():
                 state.result()  # raises the stage's exception: the flow run fails with it
             if name == "bootstrap" or ("://" in str(params.data.train_path) and name == "validate"):
-                _rename(params, stages.data_hash(params))
+                _rename(params, cache.data_hash(params))
         ok = True
     finally:
         run_id = _CONTEXT.get("mlflow_run_id")

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.config import Params
-from tasks.errors import TunelineError
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(".prefect")

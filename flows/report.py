@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tasks.atomic import read_json
-from tasks.config import Params
+from tuneline.atomic import read_json
+from tuneline.config import Params
 
 METRICS = ["exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu", "perplexity"]
 

@@ -1,4 +1,4 @@
-"""The Prefect flow `sweep`: the steps of tasks/sweep.py as Prefect tasks (the work is done there).
+"""The Prefect flow `sweep`: the steps of flows/trials.py as Prefect tasks (the work is done there).
 
 Parameters as the `finetune` flow's: `overrides`, a typed form of every key of params.yaml (e.g.
 `{"sweep": {"n_trials": 20}}`), and `sets`, dotted `KEY=VALUE` as `tuneline sweep --set`. Nothing
@@ -12,29 +12,29 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
+from flows import trials
 from flows.finetune import NO_OVERRIDES, ParamsOverrides, resolve_params
-from tasks import sweep as sweeping
-from tasks.config import DEFAULT_PARAMS, Params
+from tuneline.config import DEFAULT_PARAMS, Params
 
 
 @task(name="validate-and-tokenize", cache_policy=NO_CACHE)
 def prepare(params: Params) -> None:
-    sweeping.prepare(params)
+    trials.prepare(params)
 
 
 @task(name="open-study", cache_policy=NO_CACHE)
-def open_sweep(params: Params) -> sweeping.Plan:
-    return sweeping.open_sweep(params)
+def open_sweep(params: Params) -> trials.Plan:
+    return trials.open_sweep(params)
 
 
 @task(name="trials", cache_policy=NO_CACHE)
-def run_trials(plan: sweeping.Plan) -> None:
-    sweeping.run_trials(plan)
+def run_trials(plan: trials.Plan) -> None:
+    trials.run_trials(plan)
 
 
 @task(name="best-trial", cache_policy=NO_CACHE)
-def finish(plan: sweeping.Plan) -> dict[str, Any]:
-    return sweeping.finish(plan)
+def finish(plan: trials.Plan) -> dict[str, Any]:
+    return trials.finish(plan)
 
 
 @flow(name="sweep", log_prints=True, validate_parameters=True,

@@ -1,6 +1,8 @@
 """The locked install: write the lock files, check them against their inputs, check .venv against them.
 
-    python scripts/lock.py            # make lock: resolve pyproject + scripts/lock/*.in again, write the locks
+    python scripts/lock.py            # make lock: resolve pyproject + scripts/lock/*.in again, keeping the
+                                      # versions the locks pin where they still fit; write the locks
+    python scripts/lock.py --upgrade  # make lock-upgrade: the same, taking the newest versions that fit
     python scripts/lock.py --check    # scripts/install.sh, first: fail if a lock is older than its inputs
     python scripts/lock.py --verify   # scripts/install.sh, last: fail unless .venv holds exactly the lock
 
@@ -53,15 +55,20 @@ def uv() -> str:
     return str(local) if local.exists() else "uv"
 
 
-def write_locks() -> None:
+def write_locks(upgrade: bool) -> None:
     for lock, (sources, extras) in LOCKS.items():
+        # uv keeps the versions pinned in the output file it is given unless told to upgrade: adding one
+        # dependency then moves nothing else.
+        tmp = REPO / f".{lock}.tmp"
+        tmp.write_text("" if upgrade or not (REPO / lock).exists() else (REPO / lock).read_text(encoding="utf-8"),
+                       encoding="utf-8")
         cmd = [uv(), "pip", "compile", "--quiet", "--no-header", "--generate-hashes", *TARGET,
-               "--find-links", WHEELS, "-c", SHARED[0], "--override", SHARED[1], *sources]
+               "--find-links", WHEELS, "-c", SHARED[0], "--override", SHARED[1], "-o", str(tmp), *sources]
         cmd += [arg for extra in extras for arg in ("--extra", extra)]
-        body = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True)
+        body = tmp.read_text(encoding="utf-8")
         header = (f"# inputs-sha256: {digest(sources)}\n# Written by `make lock` (scripts/lock.py) from "
                   f"{', '.join(sources)}; installed by scripts/install.sh. Do not edit.\n")
-        tmp = REPO / f".{lock}.tmp"
         tmp.write_text(header + body, encoding="utf-8")
         os.replace(tmp, REPO / lock)
         print(f"lock: {lock}: {len(PIN.findall(body))} packages")
@@ -112,6 +119,6 @@ if __name__ == "__main__":
     if args == ["--verify"]:
         sys.exit(verify("requirements.lock", ".venv/bin/python")
                  or verify("requirements-checkov.lock", ".venv/checkov/bin/python"))
-    if args:
+    if args not in ([], ["--upgrade"]):
         sys.exit(__doc__)
-    write_locks()
+    write_locks(upgrade=bool(args))

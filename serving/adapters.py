@@ -32,7 +32,7 @@ from serving.app import (
     _router_deployment,
     model_server,
 )
-from tasks.config import DEFAULT_PARAMS, Params, load_params
+from tuneline.config import DEFAULT_PARAMS, Params, load_params
 
 ADAPTER_FILE = "adapter_config.json"  # what makes a folder (or a registered artifact) a PEFT adapter
 
@@ -86,7 +86,7 @@ class AdapterServer(ModelServer.func_or_class):
     async def _load(self, name: str) -> _Resident:
         if name not in self.sources:
             raise KeyError(f"no adapter {name!r} here; this server has {', '.join(self.sources) or 'none'}")
-        from serving.engine import resolve_model
+        from serving.inference import resolve_model
 
         try:
             folder, _ = await asyncio.get_running_loop().run_in_executor(
@@ -182,7 +182,7 @@ def _absolute(source: str) -> str:
 
 def adapter_app(params: Params):
     """The application of params' `serving.adapters` (and the rest of `serving`: limits, batching, replicas)."""
-    from tasks.promotion import serve_options
+    from serving.switch import serve_options
 
     s, a = params.serving, params.serving.adapters
     adapters = {adapter.name: _absolute(adapter.source) for adapter in a.served}

@@ -179,7 +179,7 @@ class ModelServer:
 
     def __init__(self, model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
                  tracking_uri: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02):
-        from serving.engine import Engine  # torch and transformers load in the replica, not in the router
+        from serving.inference import Engine  # torch and transformers load in the replica, not in the router
 
         self.engine = Engine(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri,
                              threads=REPLICA_CPUS)

@@ -20,10 +20,10 @@ import json
 import random
 from pathlib import Path
 
-from tasks.atomic import atomic_dir, write_text
-from tasks.config import Bootstrap, Params, TinyModel
-from tasks.errors import TunelineError
-from tasks.formats import ALPACA_HEADER, CHATML_JINJA, CHATML_SPECIAL, render_prompt, to_messages
+from tuneline.atomic import atomic_dir, write_text
+from tuneline.config import Bootstrap, Params, TinyModel
+from tuneline.errors import TunelineError
+from tuneline.formats import ALPACA_HEADER, CHATML_JINJA, CHATML_SPECIAL, render_prompt, to_messages
 
 CATEGORIES = {
     "animal": "tiger falcon raven rabbit dragon horse eagle otter".split(),
@@ -130,7 +130,7 @@ def general_prompts(n: int, rng: random.Random) -> list[str]:
 def general_records(model, tokenizer, n: int, seed: int) -> list[dict]:
     """Up to n instruction records of general prompts with the base model's own greedy answers (those it ends
     within 64 tokens: a cut answer would teach the model to stop mid-sentence)."""
-    from tasks.models import generate_greedy
+    from tuneline.models import generate_greedy
 
     prompts = general_prompts(n, random.Random(seed + 3))
     rendered = [render_prompt([{"role": "user", "content": p}], "tokenizer", tokenizer) for p in prompts]
@@ -325,9 +325,3 @@ def run(params: Params) -> dict:
     return {"base": cfg.base, "train_records": len(mixed), "general_records": len(general),
             "eval_records": len(evals), "model_params": n_params,
             **facts, **write_preference(cfg)}
-
-
-if __name__ == "__main__":
-    from tasks.stage import main
-
-    main("bootstrap")

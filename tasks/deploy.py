@@ -2,7 +2,7 @@
 
 A `reject` from the gate is an outcome, not a failure: deploy then leaves the
 running deployment alone and says why. Otherwise the registered version goes
-live on Ray Serve without downtime (tasks/promotion.py): it starts beside the
+live on Ray Serve without downtime (serving/switch.py): it starts beside the
 version that serves, loading itself from the registry by URI, must answer a
 real generation, then takes the traffic; only then does the registry's
 `champion` alias move to it. A candidate that fails is removed, the old
@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tasks import promotion, serve_control, tracking
-from tasks.atomic import read_json, write_json
-from tasks.config import Params
-from tasks.errors import TunelineError
+from serving import cluster, control, switch
+from tuneline import tracking
+from tuneline.atomic import read_json, write_json
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 log = logging.getLogger("tuneline")
 
@@ -37,7 +38,7 @@ def _skip(params: Params, gate: dict) -> dict:
     reasons = "; ".join(map(str, gate.get("reasons") or []))
     reason = f"gate decision is {gate.get('decision')!r}" + (f": {reasons}" if reasons else "")
     report: dict = {"skipped": True, "reason": reason}
-    current = serve_control.current_report(params)
+    current = control.current_report(params)
     if current:  # the champion keeps serving: remember what that is, so `serve status` can still tell
         report["current"] = current
     write_json(params.report("deploy.json"), report)
@@ -48,7 +49,7 @@ def _skip(params: Params, gate: dict) -> dict:
 def _promote(params: Params, model_name: str, version: str) -> None:
     from mlflow.exceptions import MlflowException
 
-    from tasks import registry
+    from tuneline import registry
 
     try:
         registry.client(params).set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
@@ -70,7 +71,7 @@ def _log_to_run(params: Params, report: dict, latency: float) -> None:
 
 
 def _rolled_back(params: Params, model_name: str, version: str, model_uri: str, previous: dict,
-                 failure: promotion.PromotionFailed) -> TunelineError:
+                 failure: switch.PromotionFailed) -> TunelineError:
     """Record the rollback in deploy.json (what serves is unchanged) and make the error that says so."""
     report: dict = {"rolled_back": True, "reason": failure.reason, "serving_version": failure.serving_version,
                     "candidate_version": version, "model_name": model_name, "model_uri": model_uri}
@@ -104,13 +105,13 @@ def run(params: Params) -> dict:
         raise TunelineError(f"{model_dir}: no merged model here (no config.json); re-run the merge stage")
 
     served = model_name
-    previous = serve_control.current_report(params)
+    previous = control.current_report(params)
     try:
         # The replicas load the version from the registry by URI, so they can run on any node.
-        outcome = promotion.promote(params, served, version, model_uri)
-    except promotion.PromotionFailed as failure:
+        outcome = switch.promote(params, served, version, model_uri)
+    except switch.PromotionFailed as failure:
         raise _rolled_back(params, model_name, version, model_uri, previous, failure) from None
-    report = {"endpoint": serve_control.endpoint(params), "model_name": model_name, "version": version,
+    report = {"endpoint": cluster.endpoint(params), "model_name": model_name, "version": version,
               "served_model": served, "model_uri": model_uri, "app": outcome["app"],
               "previous_version": outcome["previous_version"]}
     write_json(params.report("deploy.json"), report)
@@ -119,9 +120,3 @@ def run(params: Params) -> dict:
     return {"endpoint": report["endpoint"], "model_name": model_name, "version": version,
             "previous_version": outcome["previous_version"] or "none", "health_check_s": outcome["health_check_s"],
             "switch_s": outcome["switch_s"]}
-
-
-if __name__ == "__main__":
-    from tasks.stage import main
-
-    main("deploy")

@@ -6,9 +6,9 @@ and every reason, and merge and deploy then do nothing.
 
 from __future__ import annotations
 
-from tasks import tracking
-from tasks.atomic import read_json, write_json
-from tasks.config import Params
+from tuneline import tracking
+from tuneline.atomic import read_json, write_json
+from tuneline.config import Params
 
 
 def decide(report: dict, params: Params) -> tuple[bool, list[str], list[str]]:
@@ -58,9 +58,3 @@ def run(params: Params) -> dict:
     else:
         print("gate: reject, because:\n  - " + "\n  - ".join(failed))
     return {"decision": decision}
-
-
-if __name__ == "__main__":
-    from tasks.stage import main
-
-    main("gate")

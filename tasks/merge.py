@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 
-from tasks import quantize, registry, remote, tracking
-from tasks.atomic import atomic_dir, read_json, write_json
-from tasks.config import Params
-from tasks.errors import TunelineError
-from tasks.formats import render
-from tasks.models import encode_prompt, load_model, load_tokenizer
+from tuneline import quantize, registry, s3, tracking
+from tuneline.atomic import atomic_dir, read_json, write_json
+from tuneline.config import Params
+from tuneline.errors import TunelineError
+from tuneline.formats import render
+from tuneline.models import encode_prompt, load_model, load_tokenizer
 
 
 def probe_batch(params: Params, tokenizer):
@@ -68,7 +68,7 @@ def run(params: Params) -> dict:
         tokenizer.save_pretrained(str(tmp))
     quantized = quantize.export(params, tokenizer, model) if params.merge.quantize != "none" else None
 
-    data_files = [remote.local_path(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
+    data_files = [s3.local_path(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
     tags = {"tuneline.git_commit": tracking.git_commit(),
             "tuneline.dvc_data_hash": tracking.file_md5(*data_files),
             "tuneline.params_hash": tracking.params_hash(params),
@@ -93,9 +93,3 @@ def run(params: Params) -> dict:
               f"MiB (full {quantized['size_mib']['full']} MiB), ROUGE-L retention {quantized['retention']}")
     write_json(params.report("merge.json"), out)
     return summary
-
-
-if __name__ == "__main__":
-    from tasks.stage import main
-
-    main("merge")

@@ -12,28 +12,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from tasks.atomic import atomic_dir, write_json
-from tasks.config import Params
-from tasks.formats import render
-from tasks.models import encode_prompt, load_tokenizer
-
-IGNORE = -100
-
-
-def encode(record: dict, params: Params, tokenizer) -> dict:
-    prompt, response = render(record, params.data.format, params.data.template, tokenizer)
-    prompt_ids = encode_prompt(tokenizer, prompt, params.data.template)
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    full = prompt_ids + response_ids
-    limit = params.data.max_seq_length
-    return {
-        "input_ids": full[:limit],
-        "attention_mask": [1] * min(len(full), limit),
-        "labels": ([IGNORE] * len(prompt_ids) + response_ids)[:limit],
-        "truncated": len(full) > limit,
-        "trainable": len(prompt_ids) < limit,
-        "length": len(full),
-    }
+from tuneline.atomic import atomic_dir, write_json
+from tuneline.config import Params
+from tuneline.models import encode, load_tokenizer
 
 
 def tokenize_split(path: Path, params: Params, tokenizer):
@@ -79,9 +60,3 @@ def run(params: Params) -> dict:
                   f"{params.data.max_seq_length} tokens (data.max_seq_length)")
     return {"train_examples": report["train"]["examples"], "eval_examples": report["eval"]["examples"],
             "train_tokens": report["train"]["tokens"], "truncated": report["train"]["truncated"]}
-
-
-if __name__ == "__main__":
-    from tasks.stage import main
-
-    main("tokenize")

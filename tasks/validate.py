@@ -3,7 +3,7 @@
 Two layers, each stopping at the first problem with a DataError that names the
 file, the 1-based line and the field:
 1. `check_file` reads each line strictly: encoding, JSON, the format's schema
-   (`tasks.formats.FIELDS`), chat rules, the length limit.
+   (`tuneline.formats.FIELDS`), chat rules, the length limit.
 2. `_Suite` runs GX expectations over the parsed records: no nulls, string
    lengths, duplicate rate, train/eval overlap rate.
 
@@ -30,11 +30,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from tasks import remote, tracking
-from tasks.atomic import atomic_dir, write_json
-from tasks.config import Params, Validate
-from tasks.errors import DataError
-from tasks.formats import CHAT_ROLES, FIELDS
+from tuneline import s3, tracking
+from tuneline.atomic import atomic_dir, write_json
+from tuneline.config import Params, Validate
+from tuneline.errors import DataError
+from tuneline.formats import CHAT_ROLES, FIELDS
 
 BOM = b"\xef\xbb\xbf"
 BLANK = "blank line: JSON Lines has no empty records (only one final newline is allowed)"
@@ -368,11 +368,11 @@ def run(params: Params) -> dict:
     """Validate train and eval (a seeded hold-out of train if data.eval_path is null); write both + report."""
     d, cfg = params.data, params.validate_
     for key, path in (("data.train_path", d.train_path), ("data.eval_path", d.eval_path)):
-        if path is not None and not remote.is_remote(path):
+        if path is not None and not s3.is_remote(path):
             check_root(Path(path), d.root, key)
-    # s3:// paths are read from their local copies (tasks/remote.py); local paths stay as they are
-    d = d.model_copy(update={"train_path": remote.local_path(d.train_path),
-                             "eval_path": remote.local_path(d.eval_path)})
+    # s3:// paths are read from their local copies (tuneline/s3.py); local paths stay as they are
+    d = d.model_copy(update={"train_path": s3.local_path(d.train_path),
+                             "eval_path": s3.local_path(d.eval_path)})
     train = check_file(d.train_path, d.format, cfg)
     evals = check_file(d.eval_path, d.format, cfg) if d.eval_path is not None else None
     suite = _Suite(d.format, cfg)
@@ -411,9 +411,3 @@ def run(params: Params) -> dict:
             tracking.log_section_params(params, "data", "validate")
             mlflow.log_metrics({f"validate.{k}": float(v) for k, v in summary.items()})
     return summary
-
-
-if __name__ == "__main__":
-    from tasks.stage import main
-
-    main("validate")

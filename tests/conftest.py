@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import Params
+from tuneline.config import Params
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -54,7 +54,7 @@ def tiny_params(root: Path, **overrides) -> Params:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """bootstrap -> merge once on a tiny project; tests read what each stage left."""
-    from tasks.stage import run_stage
+    from tasks import run_stage
 
     root = tmp_path_factory.mktemp("tiny")
     params = tiny_params(root)

@@ -7,8 +7,8 @@ import socket
 from pathlib import Path
 
 from tasks.bootstrap import build_model, build_tokenizer, generate_records
-from tasks.config import TinyModel
-from tasks.formats import ALPACA_HEADER
+from tuneline.config import TinyModel
+from tuneline.formats import ALPACA_HEADER
 
 TINY = TinyModel(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=320,
                  max_position_embeddings=256)

@@ -19,8 +19,8 @@ from ray import serve
 from serving_helpers import free_port, save_tiny_model
 
 from serving.adapters import adapter_app, register_adapter
-from serving.engine import CACHE_ENV
-from tasks.config import ConfigError, Params, load_params
+from serving.inference import CACHE_ENV
+from tuneline.config import ConfigError, Params, load_params
 
 TEMPLATE = "chatml"
 BASE = "tiny-base"
@@ -36,7 +36,7 @@ def train_adapter(base, answer: str, dest, steps: int = 40) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.tokenize import encode
+    from tuneline.models import encode
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -24,9 +24,9 @@ import yaml
 from conftest import REPO, tiny_params
 from typer.testing import CliRunner
 
-from tasks import registry
-from tasks.cli import app
-from tasks.config import Params
+from flows.cli import app
+from tuneline import registry
+from tuneline.config import Params
 
 BAD = REPO / "tests" / "data" / "bad"
 ROOT_RULE = "{key}resolves to {real}, outside the data root {root} (data.root; null: the current folder)"
@@ -234,7 +234,7 @@ def test_validate_subprocess_exit_code(tmp_path):
     work = tmp_path / "cwd"
     work.mkdir()
     bad = BAD / "wrong_type_number.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "validate", str(bad), "--params", str(params)],
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(bad), "--params", str(params)],
                           cwd=work, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 1, proc.stderr

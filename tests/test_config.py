@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ConfigError, Params, load_params
+from tuneline.config import ConfigError, Params, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,7 +66,7 @@ def test_override_needs_key_value(tmp_path):
 
 def test_cli_fails_on_bad_params_before_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text("train:\n  learning_rate: -0.5\n", encoding="utf-8")
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "run"], cwd=tmp_path, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=tmp_path, capture_output=True,
                           text=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, timeout=120)
     assert proc.returncode == 1
     assert "train.learning_rate" in proc.stderr and "greater than 0" in proc.stderr

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from conftest import REPO, tiny_params
 
-from tasks.atomic import read_json
-from tasks.stage import run_stage
+from tasks import run_stage
+from tuneline.atomic import read_json
 
 STEPS = 40
 
@@ -50,7 +50,7 @@ def params_file(root: Path, name: str, **overrides) -> Path:
 
 
 def train_cmd(path: Path) -> list[str]:
-    return [sys.executable, "-m", "tasks.train", "--params", str(path)]
+    return [sys.executable, "-m", "tasks", "train", "--params", str(path)]
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -144,7 +144,7 @@ def test_estimate_uses_the_measured_speed(project):
     path = project / "params-estimate.yaml"
     params = tiny_params(project, train__batch_size=8, train__max_steps=10)
     path.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "estimate", "--params", str(path),
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "estimate", "--params", str(path),
                            "--set", "cost.tokens_per_s_per_gpu=1000", "--set", "cost.gpu_hour_usd=3.6"],
                           cwd=project, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -15,14 +15,14 @@ import random
 import pytest
 from conftest import tiny_params
 
-from tasks import bootstrap, registry
-from tasks.atomic import read_json
-from tasks.config import ConfigError, Params, load_params
-from tasks.errors import DataError
+from tasks import bootstrap, run_stage
 from tasks.evaluate import preference_pairs, preference_scores
-from tasks.models import load_model, load_tokenizer
-from tasks.stage import run_stage
 from tasks.validate import check_file
+from tuneline import registry
+from tuneline.atomic import read_json
+from tuneline.config import ConfigError, Params, load_params
+from tuneline.errors import DataError
+from tuneline.models import load_model, load_tokenizer
 
 # A base that knows some of the world (300 pre-training steps, seconds), so that pairs can teach it.
 PROJECT = {"bootstrap__pretrain_steps": 300, "bootstrap__preference_train_records": 256,

@@ -2,7 +2,7 @@
 
 - kill -9 inside bootstrap, validate, tokenize, train, evaluate, gate and merge: the stage runs as `python -m
   tasks.<stage>` in its own process and SIGKILLs itself at the last moment before its output is renamed into
-  place, the new content complete beside it (tasks.atomic's TUNELINE_FAULT_KILL_BEFORE). Every output the stage
+  place, the new content complete beside it (tuneline.atomic's TUNELINE_FAULT_KILL_BEFORE). Every output the stage
   declares must then be the previous one or absent, the registry unchanged; a re-run must complete with
   consistent outputs and remove the dead process's temp copies. Merge is also killed after registering its
   version, before merge.json: the re-run must not register the same weights again. (Deploy: test_serving.py.)
@@ -37,11 +37,11 @@ import yaml
 from conftest import REPO, tiny_params
 from test_production_storage import Service, _git, free_port, sha256, wait_http
 
-from tasks import data_remote, registry, tracking
-from tasks.atomic import FAULT_KILL_ENV, read_json
-from tasks.config import Params
-from tasks.models import load_model
-from tasks.stage import run_stage
+from tasks import run_stage
+from tuneline import dvc_data, registry, tracking
+from tuneline.atomic import FAULT_KILL_ENV, read_json
+from tuneline.config import Params
+from tuneline.models import load_model
 
 PIPELINE = ("bootstrap", "validate", "tokenize", "train", "evaluate", "gate", "merge")
 BUCKET = "tuneline-data"
@@ -191,7 +191,7 @@ def rerun_train(p: Params, before: dict, versions: list[str]) -> None:
 
     summary, steps = read_json(p.report("train.json")), list(range(2, p.train.max_steps + 1, 2))
     assert summary["steps"] == p.train.max_steps
-    last = (p.train.max_steps - 1) // p.train.save_steps * p.train.save_steps  # none at max_steps: see tasks/engine.py
+    last = (p.train.max_steps - 1) // p.train.save_steps * p.train.save_steps  # none at max_steps (engine.py)
     assert summary["resumed_from"].endswith(f"checkpoint-{last}")  # the killed run's last checkpoint
     assert [int(r["step"]) for r in csv.DictReader(p.report("train_log.csv").open())] == steps
     history = registry.client(p).get_metric_history(summary["mlflow_run_id"], "train.loss")
@@ -407,10 +407,10 @@ def test_s3_gone_during_dvc_push_fails_clearly_and_a_push_after_it_returns_resto
     for i in range(60):  # enough that the push is still going when the server dies
         (data / f"part-{i:03d}.bin").write_bytes(os.urandom(20_000))
     _git("init", "-q", cwd=repo)
-    data_remote.dvc("init", "-q", repo=repo)
-    data_remote.dvc("remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc", repo=repo)
+    dvc_data.dvc("init", "-q", repo=repo)
+    dvc_data.dvc("remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc", repo=repo)
 
-    push = subprocess.Popen([sys.executable, "-m", "tasks.cli", "data", "push", "data/own"], cwd=repo,
+    push = subprocess.Popen([sys.executable, "-m", "flows.cli", "data", "push", "data/own"], cwd=repo,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: bucket.list_objects_v2(Bucket=BUCKET).get("KeyCount"),  # the upload has begun
@@ -422,13 +422,13 @@ def test_s3_gone_during_dvc_push_fails_clearly_and_a_push_after_it_returns_resto
 
     s3.start()
     bucket.create_bucket(Bucket=BUCKET)  # moto keeps nothing across a restart: the push must send everything again
-    data_remote.push(repo=repo)
+    dvc_data.push(repo=repo)
     keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=BUCKET, Prefix="dvc/")["Contents"]]
     assert len(keys) == 61  # every file and the folder's listing
     _git("add", "-A", cwd=repo)
     _git("commit", "-q", "-m", "data", cwd=repo)
     _git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
-    data_remote.pull(repo=clone)
+    dvc_data.pull(repo=clone)
     assert snapshot(clone / "data" / "own") == snapshot(data)
 
 

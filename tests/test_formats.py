@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.formats import ALPACA_HEADER, render, render_prompt, to_messages
+from tuneline.formats import ALPACA_HEADER, render, render_prompt, to_messages
 
 RECORD = {"instruction": "Which word is a fruit?", "input": "apple piano", "output": "apple"}
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from tasks.config import Params
 from tasks.gate import decide
+from tuneline.config import Params
 
 GOOD = {"exact_match": 0.7, "rouge_l": 0.7, "perplexity": 1.3}
 BASE = {"exact_match": 0.0, "rouge_l": 0.1, "perplexity": 900.0}

@@ -81,7 +81,7 @@ def test_training_job_runs_torchrun_with_c10d_rendezvous_on_pod_zero():
     assert "python -m torch.distributed.run" in script and "--rdzv-backend=c10d" in script
     endpoint = f"{job['metadata']['name']}-0.{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
     assert f'--rdzv-endpoint="{endpoint}"' in script
-    assert '--nnodes="${NNODES}"' in script and "-m tasks.train" in script
+    assert '--nnodes="${NNODES}"' in script and "-m tasks train" in script
     assert container["resources"]["limits"]["nvidia.com/gpu"] == env["NPROC_PER_NODE"]
 
 

@@ -36,8 +36,8 @@ from serving_helpers import free_port
 
 from flows import local
 from flows.finetune import STAGE_NAMES, is_transient, resolve_params
-from tasks.config import Params
-from tasks.errors import TunelineError
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
@@ -84,19 +84,19 @@ def test_only_transient_errors_are_retried():
 
 
 def test_cache_key_follows_code_params_and_data(tmp_path):
-    from flows import stages
+    from flows import cache
 
     params = tiny_params(tmp_path)
     params.data.train_path.parent.mkdir(parents=True)
     params.data.train_path.write_text('{"instruction": "a", "output": "b"}\n')
     params.data.eval_path.write_text('{"instruction": "c", "output": "d"}\n')
-    key = stages.cache_key("validate", params)
-    assert stages.cache_key("validate", params) == key
-    assert stages.cache_key("validate", tiny_params(tmp_path, gate__min_rouge_l=0.9)) == key  # not its section
-    assert stages.cache_key("validate", tiny_params(tmp_path, validate__max_duplicate_rate=0.5)) != key
+    key = cache.cache_key("validate", params)
+    assert cache.cache_key("validate", params) == key
+    assert cache.cache_key("validate", tiny_params(tmp_path, gate__min_rouge_l=0.9)) == key  # not its section
+    assert cache.cache_key("validate", tiny_params(tmp_path, validate__max_duplicate_rate=0.5)) != key
     params.data.eval_path.write_text('{"instruction": "c", "output": "e"}\n')
-    assert stages.cache_key("validate", params) != key
-    assert stages.outputs("validate", params)[str(params.data.validated_dir)] is None  # not written yet
+    assert cache.cache_key("validate", params) != key
+    assert cache.outputs("validate", params)[str(params.data.validated_dir)] is None  # not written yet
 
 
 # ---------------------------------------------------------------- a real server, a worker, a project
@@ -111,7 +111,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=_env(), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"tuneline {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -352,7 +352,7 @@ def test_tuneline_run_reports_to_the_up_server_and_skips_cached_stages(project, 
     env = _env()
     env.pop("PREFECT_API_URL")  # nothing configured: `tuneline run` finds the server `up` recorded here
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "tasks.cli", "run"], cwd=root, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"fully cached `tuneline run` against the up server: {time.perf_counter() - start:.1f}s")

@@ -182,7 +182,7 @@ def mlflow_server(aws, postgres, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pipeline(mlflow_server, tmp_path_factory):
     """bootstrap..merge of the tiny project, tracked and registered on the MLflow server."""
-    from tasks.stage import run_stage
+    from tasks import run_stage
 
     root = tmp_path_factory.mktemp("prod")
     params = tiny_params(root, registry__tracking_uri=mlflow_server)
@@ -236,10 +236,10 @@ def test_registered_version_loads_back_from_s3_and_generates(pipeline, aws, tmp_
 @pytest.mark.slow
 def test_data_and_base_model_read_from_s3_uris(pipeline, aws, tmp_path):
     """data.train_path, data.eval_path and model.base as s3:// URIs: validate and tokenize read local copies."""
-    from tasks import remote
-    from tasks.atomic import read_json
-    from tasks.errors import TunelineError
-    from tasks.stage import run_stage
+    from tasks import run_stage
+    from tuneline import s3
+    from tuneline.atomic import read_json
+    from tuneline.errors import TunelineError
 
     src, _, _ = pipeline
     raw, base = Path(src.data.train_path).parent, Path(src.model.base)
@@ -258,25 +258,25 @@ def test_data_and_base_model_read_from_s3_uris(pipeline, aws, tmp_path):
     assert validated["eval_records"] == src.bootstrap.eval_records
     assert tokenized["train_examples"] == src.bootstrap.train_records
     assert read_json(params.report("validation.json"))["success"]
-    cached = remote.cache_path(f"s3://{DATA}/raw/train.jsonl")
+    cached = s3.cache_path(f"s3://{DATA}/raw/train.jsonl")
     assert sha256(cached) == sha256(raw / "train.jsonl")
-    assert sha256(remote.cache_path(f"s3://{DATA}/models/base") / "model.safetensors") == sha256(
+    assert sha256(s3.cache_path(f"s3://{DATA}/models/base") / "model.safetensors") == sha256(
         base / "model.safetensors")
 
     # A changed object is downloaded again; an unchanged one is not.
     aws.put_object(Bucket=DATA, Key="raw/eval.jsonl", Body=(raw / "eval.jsonl").read_bytes()[:200])
     before = cached.stat().st_mtime_ns
-    assert remote.local_path(f"s3://{DATA}/raw/eval.jsonl").read_bytes() == (raw / "eval.jsonl").read_bytes()[:200]
-    assert remote.local_path(f"s3://{DATA}/raw/train.jsonl").stat().st_mtime_ns == before
+    assert s3.local_path(f"s3://{DATA}/raw/eval.jsonl").read_bytes() == (raw / "eval.jsonl").read_bytes()[:200]
+    assert s3.local_path(f"s3://{DATA}/raw/train.jsonl").stat().st_mtime_ns == before
     with pytest.raises(TunelineError, match=f"s3://{DATA}/raw/missing.jsonl: no such object"):
-        remote.local_path(f"s3://{DATA}/raw/missing.jsonl")
+        s3.local_path(f"s3://{DATA}/raw/missing.jsonl")
 
 
 def test_registry_artifact_location_on_s3_is_a_direct_store(aws, tmp_path):
     """registry.artifact_location: s3://... with a local tracking store: the client writes to S3 itself."""
     import mlflow
 
-    from tasks import tracking
+    from tuneline import tracking
 
     params = tiny_params(tmp_path, registry__artifact_location=f"s3://{ARTIFACTS}/direct")
     exp_id = tracking.setup(params)
@@ -297,8 +297,8 @@ def test_dvc_push_to_s3_then_pull_in_a_fresh_clone_restores_the_data(aws, tmp_pa
     import yaml
     from typer.testing import CliRunner
 
-    from tasks.cli import app
-    from tasks.data_remote import dvc
+    from flows.cli import app
+    from tuneline.dvc_data import dvc
 
     repo, clone = tmp_path / "repo", tmp_path / "clone"
     data = repo / "data" / "own"
@@ -327,7 +327,7 @@ def test_dvc_push_to_s3_then_pull_in_a_fresh_clone_restores_the_data(aws, tmp_pa
     for name in ("train.jsonl", "blob.bin"):
         assert sha256(clone / "data" / "own" / name) == sha256(data / name)
 
-    from tasks.data_remote import push
+    from tuneline.dvc_data import push
 
     assert len(push(repo=clone)) == 32  # nothing new: pushes nothing, still names the data
 
@@ -335,8 +335,8 @@ def test_dvc_push_to_s3_then_pull_in_a_fresh_clone_restores_the_data(aws, tmp_pa
 def test_data_push_without_a_remote_says_so(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
-    from tasks.data_remote import dvc
+    from flows.cli import app
+    from tuneline.dvc_data import dvc
 
     _git("init", "-q", cwd=tmp_path)
     dvc("init", "-q", repo=tmp_path)

@@ -7,10 +7,10 @@ import shutil
 import pytest
 from conftest import tiny_params
 
-from tasks.atomic import read_json
-from tasks.errors import TunelineError
-from tasks.quantize import retention
-from tasks.stage import run_stage
+from tasks import run_stage
+from tuneline.atomic import read_json
+from tuneline.errors import TunelineError
+from tuneline.quantize import retention
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def int8_run(tiny_run, tmp_path_factory):
 def test_int8_copy_is_written_smaller_and_int8(int8_run):
     import torch
 
-    from tasks.quantize import load_quantized, quantized_dir
+    from tuneline.quantize import load_quantized, quantized_dir
 
     params, result = int8_run
     out = quantized_dir(params)

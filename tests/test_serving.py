@@ -26,15 +26,17 @@ import yaml
 from ray import serve
 from serving_helpers import free_port, save_tiny_model
 
+from serving import control
 from serving.api import VERSION_HEADER
 from serving.app import AppArgs, app_builder
-from serving.engine import Engine, resolve_model
-from tasks import deploy, serve_control, tracking
-from tasks.atomic import read_json, write_json
-from tasks.config import Params
-from tasks.errors import TunelineError
-from tasks.formats import render_prompt
-from tasks.models import encode_prompt
+from serving.inference import Engine, resolve_model
+from tasks import deploy
+from tuneline import tracking
+from tuneline.atomic import read_json, write_json
+from tuneline.config import Params
+from tuneline.errors import TunelineError
+from tuneline.formats import render_prompt
+from tuneline.models import encode_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # MLflow's transformers flavor asks the hub about local models
 
@@ -245,7 +247,7 @@ def test_batched_generation_matches_generation_one_at_a_time(model_dir):
 def pipeline(port, model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks import registry
+    from tuneline import registry
 
     root = tmp_path_factory.mktemp("pipeline")
     params = Params(
@@ -277,7 +279,7 @@ def _merged(params: Params, dirs: dict, version: str) -> None:
 
 
 def _champion(params: Params) -> str:
-    from tasks import registry
+    from tuneline import registry
 
     return registry.alias_version(params, "champion")
 
@@ -380,10 +382,10 @@ def test_promotion_under_load_drops_no_request(deployed, pipeline, port):
 def test_status_reports_the_served_version_and_metrics(deployed):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from flows.cli import app
 
     params = deployed[0]
-    st = serve_control.status(params)
+    st = control.status(params)
     assert st["running"] is True
     assert (st["version"], st["serving_version"], st["served_model"], st["model_name"]) == \
         ("2", "2", "tiny-model", "tiny-model")
@@ -409,13 +411,13 @@ def test_a_broken_candidate_is_rolled_back_and_the_champion_keeps_serving(deploy
     assert _champion(params) == "2"
     assert _answered_by(port) == "2"
     assert "test-deploy-v3" not in serve.status().applications
-    assert serve_control.status(params)["version"] == "2"  # status still knows what serves
+    assert control.status(params)["version"] == "2"  # status still knows what serves
 
 
 def test_serve_rollback_brings_the_previous_champion_back(deployed, port):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from flows.cli import app
 
     params = deployed[0]
     params_file = params.reports_dir / "params.yaml"
@@ -459,7 +461,7 @@ def test_deploy_killed_mid_promotion_keeps_the_champion_serving_and_a_rerun_prom
 def test_promote_serves_a_chosen_version_and_refuses_an_unknown_one(deployed, port):
     from typer.testing import CliRunner
 
-    from tasks.cli import app
+    from flows.cli import app
 
     params = deployed[0]
     params_file = params.reports_dir / "params.yaml"
@@ -487,8 +489,8 @@ def test_stop_on_a_named_cluster_removes_only_the_app(deployed, client):
     params, *_ = deployed
     named = params.model_copy(update={"serving": params.serving.model_copy(
         update={"ray_address": ray.get_runtime_context().gcs_address})})
-    assert serve_control.stop(named) == {"stopped": True, "app": "test-deploy", "ray_stopped": False}
-    assert serve_control.status(params)["running"] is False
+    assert control.stop(named) == {"stopped": True, "app": "test-deploy", "ray_stopped": False}
+    assert control.status(params)["running"] is False
     assert not [a for a in serve.status().applications if a.startswith("test-deploy")]
     assert [m.id for m in client.models.list()] == [SERVED]  # the cluster and its other apps live on
 

@@ -33,8 +33,8 @@ from serving_helpers import free_port, save_tiny_model
 
 from serving.api import ChatRequest, CompletionRequest
 from serving.app import MODEL_DEPLOYMENT, RETRIED, ROUTER_DEPLOYMENT, build_app
-from tasks.atomic import read_json
-from tasks.stage import run_stage
+from tasks import run_stage
+from tuneline.atomic import read_json
 
 sys.path.insert(0, str(REPO / "bench"))
 import soak  # noqa: E402 - bench/soak.py: the same soak runs standalone

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
 
-from tasks.loss import chunked_cross_entropy, install
+from tuneline.training.loss import chunked_cross_entropy, install
 
 
 def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
@@ -112,7 +112,7 @@ def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_r
     """The engine's packed, chunked-loss path logs the same losses as the padded default (fp32)."""
     import csv
 
-    from tasks.stage import run_stage
+    from tasks import run_stage
 
     params, _ = tiny_run
     fast = params.model_copy(update={
@@ -130,7 +130,7 @@ def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_r
 
 
 def test_skipping_checkpointing_on_the_last_layers_keeps_loss_and_gradients():
-    from tasks.engine import SkipCheckpointing
+    from tuneline.training.engine import SkipCheckpointing
 
     def loss_and_grads(skip: int):
         model = tiny_llama().train()
@@ -155,8 +155,8 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
 
     from bitsandbytes.nn import Linear4bit
 
-    from tasks.models import load_model
-    from tasks.stage import run_stage
+    from tasks import run_stage
+    from tuneline.models import load_model
 
     params, _ = tiny_run
     qlora = params.model_copy(update={

@@ -7,13 +7,14 @@ import random
 
 import pytest
 
-from tasks import bootstrap, registry
-from tasks.atomic import read_json
-from tasks.errors import TunelineError
-from tasks.formats import render
+from tasks import bootstrap
 from tasks.merge import merged_model
-from tasks.models import encode_prompt, load_tokenizer
 from tasks.tokenize import IGNORE, encode
+from tuneline import registry
+from tuneline.atomic import read_json
+from tuneline.errors import TunelineError
+from tuneline.formats import render
+from tuneline.models import encode_prompt, load_tokenizer
 
 
 def test_bootstrap_is_deterministic_and_disjoint():

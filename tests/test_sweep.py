@@ -1,4 +1,4 @@
-"""Sweeps (tasks/sweep.py): Optuna trials, MLflow child runs, the best trial's overrides file.
+"""Sweeps (flows/trials.py): Optuna trials, MLflow child runs, the best trial's overrides file.
 
 A tiny project (tests/conftest.py tiny_params) whose sweep ranges hold its own values, so
 trial 0 is the baseline. `tuneline sweep` runs 4 trials in 2 worker processes sharing the
@@ -16,8 +16,8 @@ import pytest
 import yaml
 from conftest import REPO, tiny_params
 
-from tasks.config import ConfigError, file_overrides, load_params
-from tasks.errors import TunelineError
+from tuneline.config import ConfigError, file_overrides, load_params
+from tuneline.errors import TunelineError
 
 SWEPT = ("train.learning_rate", "lora.r", "lora.alpha", "train.batch_size")
 
@@ -32,7 +32,7 @@ def _sweep_section(root: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A bootstrapped tiny project with a params.yaml; lr 5e-3, r 16, alpha 32, batch 8 lie inside the ranges."""
-    from tasks.stage import run_stage
+    from tasks import run_stage
 
     root = tmp_path_factory.mktemp("sweep")
     params = tiny_params(root, sweep=_sweep_section(root))
@@ -44,7 +44,7 @@ def project(tmp_path_factory):
 def _cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     env.pop("TUNELINE_MLFLOW_RUN_ID", None)
-    return subprocess.run([sys.executable, "-m", "tasks.cli", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -84,7 +84,7 @@ def test_bad_sweep_params_name_the_key_and_rule(tmp_path):
     assert "sweep.n_trials: Input should be greater than 0 (got 0)" in proc.stderr
     assert not (tmp_path / "reports").exists()  # refused before any work
 
-    from tasks.sweep import prepare
+    from flows.trials import prepare
 
     with pytest.raises(TunelineError, match="train.method is dpo, but trials train supervised"):
         prepare(load_params(REPO / "params.yaml", ["train.method=dpo", "data.format=preference",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks import tracking
-from tasks.config import Params
-from tasks.errors import DataError
 from tasks.validate import _Suite, check_file, run, validate_paths
+from tuneline import tracking
+from tuneline.config import Params
+from tuneline.errors import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -23,8 +23,8 @@ import os
 import shutil
 from pathlib import Path
 
-from tasks.atomic import atomic_dir, write_json
-from tasks.errors import TunelineError
+from tuneline.atomic import atomic_dir, write_json
+from tuneline.errors import TunelineError
 
 SCHEME = "s3://"
 CACHE_ENV = "TUNELINE_CACHE_DIR"

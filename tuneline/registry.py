@@ -11,8 +11,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from tasks import tracking
-from tasks.config import Params
+from tuneline import tracking
+from tuneline.config import Params
 
 log = logging.getLogger("tuneline")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -44,3 +46,23 @@ def raise_if_out_of_space(e: BaseException, path: Path | str) -> None:
         raise OutOfSpace(f"{path}: {os.strerror(code)} while writing it; nothing was written there (a previous "
                          "version stays as it was). Free space on that filesystem (or raise the quota or file-size "
                          "limit) and run again.") from e
+
+
+def guarded(fn: Callable[[], object]) -> int:
+    """Run fn; a TunelineError, or running out of disk space anywhere, becomes one line on stderr and exit code 1."""
+    try:
+        fn()
+    except TunelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        if os_errno(e) not in NO_SPACE:
+            raise
+        print(f"error: out of disk space (or over a quota or file-size limit): {e}. Free space and run again; "
+              "outputs are replaced by renames, so the previous ones are unchanged.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: outputs of the interrupted stage were not written", file=sys.stderr)
+        return 130
+    return 0
+

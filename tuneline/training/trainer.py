@@ -1,11 +1,9 @@
-"""Stage 3, train: the tokenized data and the base model -> a PEFT adapter (safetensors).
+"""The training engine around transformers' Trainer, shared by every training run (SFT, DPO, sweep trials, benches).
 
-transformers' Trainer runs the loop (schedule, clipping, data order); PEFT adds
-LoRA or DoRA (nothing for `lora.method: full`); tasks/engine.py adds atomic
-checkpoints, preemption handling and the health monitor. With more than one
-process (params `distributed`) the stage relaunches itself through torchrun and
-Trainer runs DDP, FSDP or DeepSpeed ZeRO. A run that was killed resumes from its
-newest complete checkpoint (`train.resume: auto`). Only rank 0 writes outputs.
+transformers' Trainer runs the loop (schedule, clipping, data order); PEFT adds LoRA or
+DoRA (nothing for `lora.method: full`); engine.py adds atomic checkpoints, preemption
+handling and the health monitor; loss.py the chunked cross-entropy. Only rank 0 writes
+outputs and talks to MLflow.
 """
 
 from __future__ import annotations
@@ -18,15 +16,12 @@ import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-from tasks import distributed, tracking
-from tasks.atomic import read_json, replace_dir, write_json, write_text
-from tasks.config import Params
-from tasks.models import load_model, load_tokenizer
-
-if TYPE_CHECKING:
-    from tasks import engine
+from tuneline import tracking
+from tuneline.atomic import read_json, replace_dir, write_json, write_text
+from tuneline.config import Params
+from tuneline.models import load_model
+from tuneline.training import distributed, engine, loss
 
 LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"]
 
@@ -83,7 +78,7 @@ def load_base(params: Params):
     return load_model(params, attn_implementation=attention(params), quantize=params.lora.method == "qlora")
 
 
-def _training_args(params: Params, has_eval: bool, args_class=None, **extra):
+def training_args(params: Params, has_eval: bool, args_class=None, **extra):
     """TrainingArguments from params; `args_class` a subclass (TRL's DPOConfig) that takes `extra` too."""
     import torch
     from transformers import TrainingArguments
@@ -161,7 +156,6 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
     """
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
-    from tasks import engine, loss
 
     if args.gradient_checkpointing and params.lora.method != "full":
         model.enable_input_require_grads()
@@ -181,25 +175,6 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
     return trainer, restore
 
 
-def train(params: Params) -> dict:
-    """Train in this process (one of the torchrun workers, or the only process)."""
-    from datasets import load_from_disk
-    from transformers import set_seed
-
-    set_seed(params.train.seed)
-    data = load_from_disk(str(params.data.tokenized_dir))
-    tokenizer = load_tokenizer(params)
-    has_eval = params.train.eval_steps > 0
-    args = _training_args(params, has_eval)  # also joins the process group under torchrun
-    model = with_adapter(load_base(params), params)
-    seq = min(params.data.max_seq_length, max(len(x) for x in data["train"]["input_ids"]))
-    watch = supervise(params, args, model, data["train"]._fingerprint, seq)
-    trainer, restore_head = build_trainer(params, args, model, tokenizer, data["train"],
-                                          data["eval"] if has_eval else None, watch.callbacks)
-    return fit(params, args, trainer, model, tokenizer, watch, f"finetune-{params.registry.model_name}",
-               after_train=restore_head)
-
-
 @dataclass
 class Supervision:
     """The engine around one training run: the checkpoint it resumes, its health log, its SIGTERM handler."""
@@ -216,7 +191,6 @@ class Supervision:
 
 def supervise(params: Params, args, model, data_fingerprint: str, seq_len: int) -> Supervision:
     """Supervision for a run on data with this fingerprint, sequences up to seq_len tokens (for the MFU)."""
-    from tasks import engine
 
     with args.main_process_first(desc="checkpoint lookup"):
         resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir, resume_key(params, data_fingerprint),
@@ -233,7 +207,6 @@ def fit(params: Params, args, trainer, model, tokenizer, watch: Supervision, run
         after_train=lambda: None, extra=lambda trainer: {}) -> dict:
     """Train, in rank 0's new MLflow run; save the adapter. Rank 0 returns the summary (plus `extra(trainer)`),
     the others {}. `after_train` runs as soon as training ends, also when it fails."""
-    from tasks import engine
 
     is_main = distributed.rank() == 0
     with tracking.pipeline_run(params, new=True, run_name=run_name) if is_main else nullcontext() as run:
@@ -310,25 +283,3 @@ def _finish(params, trainer, result, model, rows, seconds, world, run_id, resume
     write_json(params.report("train.json"), summary)
     shutil.rmtree(params.train.checkpoint_dir, ignore_errors=True)
     return summary
-
-
-def run(params: Params) -> dict:
-    if distributed.plan(params).world_size > 1 and not distributed.is_worker():
-        distributed.relaunch(params)
-        summary = read_json(params.report("train.json"))
-    else:
-        if params.train.method == "dpo":
-            from tasks import dpo
-
-            summary = dpo.train(params)
-        else:
-            summary = train(params)
-        if not summary:  # a worker other than rank 0
-            return {}
-    return {k: summary[k] for k in ("steps", "train_loss", "seconds", "tokens_per_s")}
-
-
-if __name__ == "__main__":
-    from tasks.stage import main
-
-    main("train")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from tasks.errors import TunelineError
+from tuneline.errors import TunelineError
 
 DEFAULT_PARAMS = Path("params.yaml")
 

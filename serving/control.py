@@ -1,78 +1,19 @@
-"""The serving cluster: join or start the local Ray cluster, report on the app, stop it.
+"""What `tuneline serve ...` and `tuneline promote` do: report on the served app, roll back, promote, stop.
 
-The deploy stage and `tuneline serve ...` share these. A cluster that deploy
-starts outlives the command that started it (that is the point of a
-deployment); `stop` is how it ends.
+The deploy stage reads `current_report` too. Switching versions is switch.py's; the cluster is cluster.py's.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 
-from tasks.atomic import read_json
-from tasks.config import Params
-from tasks.errors import TunelineError
+from serving import cluster, switch
+from tuneline import registry
+from tuneline.atomic import read_json, write_json
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 log = logging.getLogger("tuneline")
-
-# A model replica needs one CPU; the second lets a new version start beside the old during a promotion
-# (tasks/promotion.py). The router reserves none.
-LOCAL_CLUSTER_CPUS = 2
-
-
-def endpoint(params: Params) -> str:
-    """The OpenAI base URL of the served app, as a client on this machine reaches it."""
-    host = params.serving.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://{host}:{params.serving.port}/v1"
-
-
-def auth_headers(params: Params) -> dict[str, str]:
-    key = os.environ.get(params.serving.api_key_env) if params.serving.api_key_env else None
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def _ray_cli(*args: str) -> subprocess.CompletedProcess:
-    """Run the `ray` CLI of this interpreter. Output goes to a file, not a pipe: the daemons that
-    `ray start` leaves behind would otherwise hold the pipe open and hang this call."""
-    cmd = [sys.executable, "-m", "ray.scripts.scripts", *args]
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=180, check=False)
-        out.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), None)
-
-
-def connect(params: Params, *, start: bool = True) -> bool:
-    """Connect this process to the serving cluster: serving.ray_address, else the Ray that runs on this
-    machine (Ray's "auto": the one `ray start` recorded, else any it finds), else one started here when
-    `start` is set. False when there is none to connect to."""
-    import ray
-
-    if ray.is_initialized():
-        return True
-    address = params.serving.ray_address
-    try:
-        ray.init(address=address or "auto", log_to_driver=False, logging_level=logging.WARNING)
-        return True
-    except ConnectionError:
-        if address:
-            raise TunelineError(f"serving.ray_address: no Ray cluster answers at {address}") from None
-        if not start:
-            return False
-    log.info(f"starting a local Ray cluster ({LOCAL_CLUSTER_CPUS} CPUs); `tuneline serve stop` ends it")
-    proc = _ray_cli("start", "--head", "--disable-usage-stats", "--include-dashboard=false",
-                    f"--num-cpus={LOCAL_CLUSTER_CPUS}")
-    if proc.returncode != 0:
-        raise TunelineError(f"could not start a local Ray cluster ({' '.join(proc.args)}):\n"
-                            f"{proc.stdout[-2000:]}")
-    ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
-    return True
 
 
 def current_report(params: Params) -> dict:
@@ -90,16 +31,16 @@ def status(params: Params) -> dict:
     import httpx
 
     report = current_report(params)
-    url = report.get("endpoint") or endpoint(params)
+    url = report.get("endpoint") or cluster.endpoint(params)
     served = report.get("served_model")
     metrics: dict = {}
     try:
-        r = httpx.get(f"{url}/models", headers=auth_headers(params), timeout=5)
+        r = httpx.get(f"{url}/models", headers=cluster.auth_headers(params), timeout=5)
         # 401: the app is up but this shell lacks its key.
         ids = [m.get("id") for m in r.json()["data"]] if r.status_code == 200 else []
         running = r.status_code == 401 or (r.status_code == 200 and (served is None or served in ids))
         if r.status_code == 200:
-            m = httpx.get(f"{url}/metrics", headers=auth_headers(params), timeout=10)
+            m = httpx.get(f"{url}/metrics", headers=cluster.auth_headers(params), timeout=10)
             metrics = m.json() if m.status_code == 200 else {}
     except (httpx.HTTPError, ValueError, KeyError):
         running = False
@@ -115,21 +56,20 @@ def status(params: Params) -> dict:
 
 
 def _serve_version(params: Params, report: dict, name: str, version: str, action: str) -> dict:
-    """Serve registered `version` the zero-downtime way deploy does (tasks/promotion.py): it starts beside
+    """Serve registered `version` the zero-downtime way deploy does (serving/switch.py): it starts beside
     what serves, loaded from the registry, is health-checked, takes the traffic; then deploy.json records
     it and the `champion` alias moves to it. If it fails, what served keeps serving and the alias stays."""
-    from tasks import promotion, registry
-    from tasks.atomic import write_json
 
     uri = f"models:/{name}/{version}"
     served = report.get("served_model") or name
     try:
-        outcome = promotion.promote(params, served, version, uri)
-    except promotion.PromotionFailed as e:
+        outcome = switch.promote(params, served, version, uri)
+    except switch.PromotionFailed as e:
         still = f"version {e.serving_version} keeps serving" if e.serving_version else "nothing serves now"
         raise TunelineError(f"{action} to version {version} failed: {e.reason}\n{still}; the champion alias "
                             "is unchanged") from None
-    new = {**report, "endpoint": endpoint(params), "model_name": name, "served_model": served, "version": version,
+    new = {**report, "endpoint": cluster.endpoint(params), "model_name": name, "served_model": served,
+           "version": version,
            "model_uri": uri, "app": outcome["app"], "previous_version": outcome["previous_version"]}
     write_json(params.report("deploy.json"), new)
     registry.client(params).set_registered_model_alias(name, registry.CHAMPION, version)
@@ -156,7 +96,6 @@ def promote(params: Params, version: str) -> dict:
     the manual override; deploy is the gated way."""
     from mlflow.exceptions import MlflowException
 
-    from tasks import registry
 
     report = current_report(params)
     report.pop("rolled_back_from", None)
@@ -184,7 +123,7 @@ def stop(params: Params) -> dict:
 
     app = params.serving.app_name
     try:
-        running = connect(params, start=False)
+        running = cluster.connect(params, start=False)
     except TunelineError as e:
         running, reason = False, str(e)
     else:
@@ -202,7 +141,7 @@ def stop(params: Params) -> dict:
         return {"stopped": True, "app": app, "ray_stopped": False}
     serve.shutdown()
     ray.shutdown()
-    proc = _ray_cli("stop")
+    proc = cluster.ray_cli("stop")
     if proc.returncode != 0:
         raise TunelineError(f"`ray stop` failed:\n{proc.stdout[-2000:]}")
     log.info("stopped Ray Serve and the local Ray cluster")

@@ -7,10 +7,10 @@ training run measured (reports/train.json).
 
 from __future__ import annotations
 
-from tasks import distributed
-from tasks.atomic import read_json
-from tasks.config import Params
-from tasks.errors import TunelineError
+from tuneline.atomic import read_json
+from tuneline.config import Params
+from tuneline.errors import TunelineError
+from tuneline.training import distributed
 
 
 def estimate(params: Params) -> dict:

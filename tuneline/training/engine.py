@@ -24,8 +24,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
-from tasks import tracking
-from tasks.errors import TunelineError
+from tuneline import tracking
+from tuneline.errors import TunelineError
 
 log = logging.getLogger("tuneline")
 

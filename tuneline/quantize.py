@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.atomic import atomic_dir, write_json
-from tasks.config import Params
-from tasks.errors import TunelineError
+from tuneline import scoring
+from tuneline.atomic import atomic_dir, write_json
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 # torchao 0.18's int4 weight-only tensors need CUDA kernels: the default packing imports mslk (a GPU
 # library), tile_packed_to_4d uses torch's tinygemm CUDA kernel, and there is no CPU packing.
@@ -77,18 +78,16 @@ def export(params: Params, tokenizer, merged) -> dict:
 
     `merged` is the merged model the merge stage holds: it is scored on the copy's device, then put back
     where it was (registration logs it from there), before the copy loads."""
-    from tasks import evaluate
-
     kind, full_dir, out_dir = params.merge.quantize, params.merge.output_dir, quantized_dir(params)
     with atomic_dir(out_dir) as tmp:
         load_quantized(full_dir, kind).save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
 
-    records, examples = evaluate.eval_inputs(params)
-    prompts, references = evaluate.prompts_and_references(records, params, tokenizer)
+    records, examples = scoring.eval_inputs(params)
+    prompts, references = scoring.prompts_and_references(records, params, tokenizer)
 
     def score(model) -> dict:
-        return evaluate.score_model(model, tokenizer, params, prompts, references, examples)[0]
+        return scoring.score_model(model, tokenizer, params, prompts, references, examples)[0]
 
     home = merged.device
     scores = {"full": score(merged.to(device()))}

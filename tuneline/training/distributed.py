@@ -1,7 +1,7 @@
 """Distributed training: how many processes, how they are launched, how they shard.
 
 With more than one process the train stage relaunches itself through torchrun
-(`python -m torch.distributed.run ... -m tasks.train`); every worker runs the
+(`python -m torch.distributed.run ... -m tasks train`); every worker runs the
 same `train` function, and transformers' Trainer (through accelerate) sets up
 DDP, FSDP or DeepSpeed ZeRO from the environment torchrun gives it. Only rank 0
 writes outputs and talks to MLflow.
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from tasks.config import Params
-from tasks.errors import TunelineError
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def torchrun_command(params: Params, p: Plan, params_file: str) -> list[str]:
                 "--rdzv-id=tuneline-train"]
     else:
         cmd += ["--standalone"]
-    return [*cmd, "-m", "tasks.train", "--params", params_file]
+    return [*cmd, "-m", "tasks", "train", "--params", params_file]
 
 
 def relaunch(params: Params) -> None:

@@ -8,7 +8,7 @@ it into a second adapter (`ref`) of the one PEFT model, so no second model is
 loaded (the DPO paper's choice, pi_ref = pi_SFT; the bare base model would
 credit the policy with everything SFT already learned).
 
-The rest is the SFT stage's, reused from tasks/train.py and tasks/engine.py:
+The rest is the SFT stage's, reused from tuneline/training/ (trainer.py, engine.py):
 the training arguments, atomic checkpoints and resume, the health log, the
 MLflow run, the adapter written as safetensors to `train.output_dir`. TRL's
 preference figures of each logged step (rewards/accuracies, rewards/margins,
@@ -24,12 +24,13 @@ from pathlib import Path
 from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
 
-from tasks import engine, tracking
-from tasks.config import Params
-from tasks.errors import TunelineError
-from tasks.formats import render, to_messages, with_rejected_answer
-from tasks.models import load_tokenizer
-from tasks.train import _training_args, fit, load_base, supervise
+from tuneline import tracking
+from tuneline.config import Params
+from tuneline.errors import TunelineError
+from tuneline.formats import render, to_messages, with_rejected_answer
+from tuneline.models import load_tokenizer
+from tuneline.training import engine
+from tuneline.training.trainer import fit, load_base, supervise, training_args
 
 
 class DPOTunelineTrainer(engine.TunelineTrainer, DPOTrainer):
@@ -92,7 +93,7 @@ def train(params: Params) -> dict:
     tokenizer = load_tokenizer(params)
     data, template, t = params.data.validated_dir, params.data.template, params.train
     has_eval = t.eval_steps > 0
-    args = _training_args(params, has_eval, DPOConfig, beta=t.dpo_beta, loss_type=[t.dpo_loss_type],
+    args = training_args(params, has_eval, DPOConfig, beta=t.dpo_beta, loss_type=[t.dpo_loss_type],
                           max_length=params.data.max_seq_length)
     base = load_base(params)
     model = PeftModel.from_pretrained(base, str(src), is_trainable=True)

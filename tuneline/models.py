@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks import remote
-from tasks.config import Params
-from tasks.errors import TunelineError
+from tuneline import s3
+from tuneline.config import Params
+from tuneline.errors import TunelineError
+from tuneline.formats import render
+
+IGNORE = -100  # the label of a token the loss skips (the prompt's)
 
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load unpickles: loading one can run code
@@ -21,10 +24,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.load unpickl
 
 def _source(params: Params) -> tuple[str, dict]:
     spec = params.model
-    if remote.is_remote(spec.base):  # s3://bucket/prefix: a local copy of the folder (tasks/remote.py)
+    if s3.is_remote(spec.base):  # s3://bucket/prefix: a local copy of the folder (tuneline/s3.py)
         if spec.revision:
             raise TunelineError(f"model.revision: for Hugging Face ids only, not for {spec.base!r}")
-        name, kwargs = str(remote.local_path(spec.base)), {"trust_remote_code": spec.trust_remote_code}
+        name, kwargs = str(s3.local_path(spec.base)), {"trust_remote_code": spec.trust_remote_code}
     else:
         if not Path(spec.base).exists() and (spec.base.startswith((".", "/", "~")) or spec.base.count("/") > 1):
             raise TunelineError(f"model.base: no folder {spec.base!r}, and it is no Hugging Face id (org/name)")
@@ -73,7 +76,7 @@ def _configs(name: str, revision: str | None) -> dict[str, dict]:
 def check_base(params: Params, name: str) -> None:
     """Refuse the base model `name` (a local folder or a hub id) by params key and rule, before it loads."""
     root = params.model.root
-    if root and not remote.is_remote(params.model.base) and Path(name).exists() \
+    if root and not s3.is_remote(params.model.base) and Path(name).exists() \
             and not Path(name).resolve().is_relative_to(root.resolve()):
         raise TunelineError(f"model.base: {name} resolves to {Path(name).resolve()}, outside model.root "
                             f"{root.resolve()}")
@@ -158,3 +161,20 @@ def generate_greedy(model, tokenizer, prompts: list[str], template: str, max_new
         texts += tokenizer.batch_decode(new, skip_special_tokens=True)
         ended += (new == tokenizer.eos_token_id).any(dim=1).tolist()
     return texts, ended
+
+
+def encode(record: dict, params: Params, tokenizer) -> dict:
+    """One record as token ids with labels on the answer only (-100 on the prompt), cut at data.max_seq_length."""
+    prompt, response = render(record, params.data.format, params.data.template, tokenizer)
+    prompt_ids = encode_prompt(tokenizer, prompt, params.data.template)
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    full = prompt_ids + response_ids
+    limit = params.data.max_seq_length
+    return {
+        "input_ids": full[:limit],
+        "attention_mask": [1] * min(len(full), limit),
+        "labels": ([IGNORE] * len(prompt_ids) + response_ids)[:limit],
+        "truncated": len(full) > limit,
+        "trainable": len(prompt_ids) < limit,
+        "length": len(full),
+    }

@@ -7,13 +7,13 @@
 3. run_trials: `sweep.parallel` worker processes (each its own GPU on a GPU host, a share of the
    cores on a CPU one), or this process alone, take trials from the study. The TPE sampler (seeded)
    picks a trial's values; the trial trains them for `sweep.max_steps` with the Trainer of
-   tasks/train.py (build_trainer) and scores the eval split every `sweep.eval_steps` steps and at the
+   tuneline/training/trainer.py (build_trainer) and scores the eval split every `sweep.eval_steps` steps and at the
    end: each eval loss goes to the median pruner, which may stop the trial, and to the trial's MLflow
    child run. Trials keep no checkpoints or adapters: a sweep keeps scores.
 4. finish: the best completed trial's values go to `sweep.best_path`, a YAML overrides file for
    `tuneline run --overrides`; its figures go to the parent run; the caller gets a one-line summary.
 
-`python -m tasks.sweep PLAN N INDEX` is one worker process taking N trials (run_trials starts them).
+`python -m flows.trials PLAN N INDEX` is one worker process taking N trials (run_trials starts them).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
-from tasks import tracking
-from tasks.atomic import read_json, write_text
-from tasks.config import Params, Sweep
-from tasks.errors import TunelineError
-from tasks.models import load_tokenizer
+from tuneline import tracking
+from tuneline.atomic import read_json, write_text
+from tuneline.config import Params, Sweep
+from tuneline.errors import TunelineError
+from tuneline.models import load_tokenizer
 
 
 class Plan(BaseModel):
@@ -52,11 +52,11 @@ class Plan(BaseModel):
 
 def prepare(params: Params) -> None:
     """Validate and tokenize once: every trial trains on the same tokenized data."""
-    from tasks.stage import run_stage
+    from tasks import run_stage
 
     if params.train.method != "sft":
         raise TunelineError(f"sweep: train.method is {params.train.method}, but trials train supervised "
-                            "(tasks/train.py); sweep the SFT run with train.method=sft")
+                            "(tasks/train/); sweep the SFT run with train.method=sft")
     for name in ("validate", "tokenize"):
         run_stage(name, params)
 
@@ -151,7 +151,7 @@ def run_trials(plan: Plan) -> None:
         plan_file = write_text(s.study_dir / f"{plan.study}.json", plan.model_dump_json(by_alias=True))
         shares = [s.n_trials // len(envs) + (i < s.n_trials % len(envs)) for i in range(len(envs))]
         print(f"sweep: {s.n_trials} trials over {len(envs)} worker processes ({', '.join(map(str, shares))})")
-        procs = [subprocess.Popen([sys.executable, "-m", "tasks.sweep", str(plan_file), str(share), str(i)], env=env)
+        procs = [subprocess.Popen([sys.executable, "-m", "flows.trials", str(plan_file), str(share), str(i)], env=env)
                  for i, (env, share) in enumerate(zip(envs, shares, strict=True))]
         try:
             codes = [p.wait() for p in procs]
@@ -170,7 +170,7 @@ def work(plan: Plan, n_trials: int, worker: int) -> None:
     """One worker: `n_trials` trials from the study, one after another, on the tokenized data."""
     from datasets import load_from_disk
 
-    from tasks.engine import NonFiniteLoss
+    from tuneline.training.engine import NonFiniteLoss
 
     params = plan.params
     experiment_id = tracking.setup(params)
@@ -227,12 +227,12 @@ def _train(trial, params: Params, data, tokenizer):
     """Train the trial's adapter on the pipeline's Trainer; the reporter holds its eval losses and fate."""
     from transformers import set_seed
 
-    from tasks.train import _training_args, build_trainer, load_base, with_adapter
+    from tuneline.training.trainer import build_trainer, load_base, training_args, with_adapter
 
     set_seed(params.train.seed)
     model = with_adapter(load_base(params), params)
     reporter = _reporter(trial)
-    trainer, restore_head = build_trainer(params, _training_args(params, has_eval=True), model, tokenizer,
+    trainer, restore_head = build_trainer(params, training_args(params, has_eval=True), model, tokenizer,
                                           data["train"], data["eval"], [reporter])
     try:
         trainer.train()
@@ -331,7 +331,8 @@ def run(params: Params) -> dict:
 
 
 if __name__ == "__main__":
-    from tasks.stage import guarded, quiet_libraries
+    from tuneline.errors import guarded
+    from tuneline.logs import quiet_libraries
 
     plan_path, n, index = sys.argv[1:4]
     quiet_libraries()

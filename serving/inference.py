@@ -35,8 +35,8 @@ from transformers import (
 )
 
 from serving.api import APIError
-from tasks.formats import render_prompt, stop_strings
-from tasks.models import encode_prompt
+from tuneline.formats import render_prompt, stop_strings
+from tuneline.models import encode_prompt
 
 REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 CACHE_ENV = "TUNELINE_MODEL_CACHE"

@@ -9,9 +9,10 @@ from typing import Annotated
 
 import typer
 
-from tasks.config import DEFAULT_PARAMS, file_overrides, load_params
-from tasks.errors import TunelineError
-from tasks.stage import ALL_STAGES, guarded, quiet_libraries, run_stage
+from tasks import ALL_STAGES, run_stage
+from tuneline.config import DEFAULT_PARAMS, file_overrides, load_params
+from tuneline.errors import TunelineError, guarded
+from tuneline.logs import quiet_libraries
 
 app = typer.Typer(
     help="Tuneline: fine-tune, evaluate, gate, register and serve a language model.\n\n"
@@ -60,7 +61,7 @@ def run_flow(params_path: Path, overrides: list[str]) -> None:
 
 def run_pipeline(params_path: Path, overrides: list[str]) -> None:
     """All stages in order in this process, without Prefect, logging into one MLflow run."""
-    from tasks import tracking
+    from tuneline import tracking
 
     params = load_params(params_path, overrides)
     run_id = tracking.open_pipeline_run(params, f"finetune-{params.registry.model_name}")
@@ -101,9 +102,9 @@ def sweep(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     quiet_libraries()
 
     def search() -> None:
-        from tasks.sweep import run as run_sweep
+        from flows import trials
 
-        typer.echo(run_sweep(load_params(params, set_ or []))["line"])
+        typer.echo(trials.run(load_params(params, set_ or []))["line"])
 
     _exit(guarded(search))
 
@@ -111,10 +112,10 @@ def sweep(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
 @app.command()
 def estimate(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     """Expected GPU-hours and cost of training, from the token count and a known speed (see params `cost`)."""
-    from tasks.estimate import estimate as compute
+    from tuneline import cost
 
     def show() -> None:
-        for key, value in compute(load_params(params, set_ or [])).items():
+        for key, value in cost.estimate(load_params(params, set_ or [])).items():
             typer.echo(f"{key}: {value}")
 
     _exit(guarded(show))
@@ -138,7 +139,7 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
         fmt = format or (cfg.data.format if cfg else "instruction")
         if fmt not in ("instruction", "chat", "completion", "preference"):
             raise TunelineError(f"--format {fmt!r}: must be instruction, chat, completion or preference")
-        from tasks.config import Validate
+        from tuneline.config import Validate
 
         counts = validate_paths(paths, fmt, cfg.validate_ if cfg else Validate(), eval_)
         for path, n in counts.items():
@@ -150,7 +151,7 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
 @serve_app.command("status")
 def serve_status(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Is the endpoint up, which model version serves, and its metrics (requests, latency, TTFT, tokens/s, batches)?"""
-    from tasks import serve_control
+    from serving import control
 
     def show(tree: dict, prefix: str = "") -> None:
         for key, value in tree.items():
@@ -159,7 +160,7 @@ def serve_status(params: ParamsOpt = DEFAULT_PARAMS) -> None:
             else:
                 typer.echo(f"{prefix}{key}: {value}")
 
-    _exit(guarded(lambda: show(serve_control.status(load_params(params)))))
+    _exit(guarded(lambda: show(control.status(load_params(params)))))
 
 
 @app.command()
@@ -170,10 +171,10 @@ def promote(version: Annotated[str, typer.Argument(help="registered version numb
     The manual way to ship (deploy is the gated one): the version starts beside what serves, must answer a
     real generation, takes the traffic, and the `champion` alias moves to it; if it fails, what served keeps
     serving. `tuneline serve rollback` undoes it."""
-    from tasks import serve_control
+    from serving import control
 
     def ship() -> None:
-        for key, value in serve_control.promote(load_params(params), version).items():
+        for key, value in control.promote(load_params(params), version).items():
             typer.echo(f"{key}: {value}")
 
     _exit(guarded(ship))
@@ -182,10 +183,10 @@ def promote(version: Annotated[str, typer.Argument(help="registered version numb
 @serve_app.command("rollback")
 def serve_rollback(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Serve the previous champion again, without downtime, and move the `champion` alias back to it."""
-    from tasks import serve_control
+    from serving import control
 
     def back() -> None:
-        for key, value in serve_control.rollback(load_params(params)).items():
+        for key, value in control.rollback(load_params(params)).items():
             typer.echo(f"{key}: {value}")
 
     _exit(guarded(back))
@@ -194,19 +195,19 @@ def serve_rollback(params: ParamsOpt = DEFAULT_PARAMS) -> None:
 @serve_app.command("stop")
 def serve_stop(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Stop the served app and the local Ray cluster that deploy started."""
-    from tasks import serve_control
+    from serving import control
 
-    _exit(guarded(lambda: serve_control.stop(load_params(params))))
+    _exit(guarded(lambda: control.stop(load_params(params))))
 
 
 @data_app.command("push")
 def data_push(path: Annotated[Path | None, typer.Argument(help="file or folder to track first (dvc add)")] = None,
               remote: RemoteOpt = None) -> None:
     """Track PATH with DVC (when given), push its data (else all tracked data) to the remote; print its hash."""
-    from tasks import data_remote
+    from tuneline import dvc_data
 
     def push() -> None:
-        digest = data_remote.push(path, remote=remote)
+        digest = dvc_data.push(path, remote=remote)
         typer.echo(f"pushed {path or 'all tracked data'}: {digest}")
         from flows.events import DATA_UPDATED, emit_data_updated
 
@@ -222,9 +223,9 @@ def data_push(path: Annotated[Path | None, typer.Argument(help="file or folder t
 @data_app.command("pull")
 def data_pull(remote: RemoteOpt = None) -> None:
     """Fetch the data of every DVC-tracked output from the remote into the workspace (dvc pull)."""
-    from tasks import data_remote
+    from tuneline import dvc_data
 
-    _exit(guarded(lambda: typer.echo(data_remote.pull(remote=remote) or "pulled")))
+    _exit(guarded(lambda: typer.echo(dvc_data.pull(remote=remote) or "pulled")))
 
 
 @prefect_app.command("up")

@@ -28,9 +28,9 @@ import logging
 import time
 from pathlib import Path
 
-from tasks import serve_control
-from tasks.config import Params
-from tasks.errors import TunelineError
+from serving import cluster
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 log = logging.getLogger("tuneline")
 
@@ -147,11 +147,11 @@ def _verify_public(params: Params, version: str, deadline: float) -> None:
 
     from serving.api import VERSION_HEADER
 
-    url, last = f"{serve_control.endpoint(params)}/completions", "no answer"
+    url, last = f"{cluster.endpoint(params)}/completions", "no answer"
     body = {"prompt": HEALTH_PROMPT, "max_tokens": 2, "temperature": 0}
     while time.monotonic() < deadline:
         try:
-            r = httpx.post(url, json=body, headers=serve_control.auth_headers(params), timeout=_remaining(deadline))
+            r = httpx.post(url, json=body, headers=cluster.auth_headers(params), timeout=_remaining(deadline))
             answered = r.headers.get(VERSION_HEADER)
             if r.status_code == 200 and answered == version:
                 return
@@ -198,7 +198,7 @@ def _router_app(params: Params, served_name: str, active_app: str, version: str)
 
 def _check_key(params: Params) -> None:
     env = params.serving.api_key_env
-    if env and not serve_control.auth_headers(params):
+    if env and not cluster.auth_headers(params):
         raise TunelineError(f"serving.api_key_env is {env!r}, but ${env} is not set in this shell: export it, "
                             "so that the router keeps requiring the key")
 
@@ -215,7 +215,7 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
     cfg = params.serving
     _check_key(params)
     deadline = time.monotonic() + cfg.health_timeout_s
-    serve_control.connect(params)
+    cluster.connect(params)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     current = live(params)
     serving_version = current["version"] if current else None

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import raise_if_out_of_space
+from tuneline.errors import raise_if_out_of_space
 
 # Fault injection for tests and drills: SIGKILL this process just before the output of this name
 # (a file or folder name, e.g. `tokenized`) is renamed into place, its new content complete beside it.

@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tasks.config import Params
+from tuneline.config import Params
 
 REPO = Path(__file__).resolve().parent.parent
 TEMPLATE = re.compile(r"\$\{([^}]+)\}")
@@ -110,7 +110,8 @@ def file_md5(path: Path) -> str:
 
 
 def _files(path: Path) -> list[Path]:
-    return sorted(p for p in path.rglob("*") if p.is_file())
+    """The files of a folder, without Python's bytecode (.dvcignore leaves it out of DVC's hashes too)."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc")
 
 
 def content_hash(path: Path) -> str:
@@ -124,17 +125,17 @@ def content_hash(path: Path) -> str:
 
 
 def _local(dep: str) -> Path:
-    """A dependency as a local path: an s3:// URI is its cached copy (tasks/remote.py fetches it)."""
+    """A dependency as a local path: an s3:// URI is its cached copy (tuneline/s3.py fetches it)."""
     if "://" in dep:
-        from tasks import remote
+        from tuneline import s3
 
-        return Path(remote.local_path(dep))
+        return Path(s3.local_path(dep))
     return Path(dep)
 
 
 def data_hash(params: Params) -> str | None:
     """The run's input data: DVC's md5 of data.train_path (and data.eval_path); None if not there yet."""
-    from tasks import tracking
+    from tuneline import tracking
 
     paths = [str(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
     if any("://" in p for p in paths):
@@ -151,7 +152,7 @@ def cache_key(name: str, params: Params) -> str:
     spec = specs()[name]
     tree = _params_tree(params)
     base = dvc_yaml().parent
-    code = {c: content_hash(base / c) for c in sorted({f"tasks/{name}.py", *spec.code})}
+    code = {c: content_hash(base / c) for c in sorted(spec.code)}
     values = {}
     for key in spec.params:
         try:

@@ -26,9 +26,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from tasks.atomic import read_json
-from tasks.config import Params
-from tasks.errors import TunelineError
+from tuneline.atomic import read_json
+from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 RUN_ID_ENV = "TUNELINE_MLFLOW_RUN_ID"
 # MLflow's HTTP client retries a failed request with backoff for minutes; a buffered send tries once.

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from tasks.errors import TunelineError
+from tuneline.errors import TunelineError
 
 
 def dvc(*args: str, repo: Path | str = ".") -> str:
