@@ -100,7 +100,7 @@ def main() -> None:
     from ray import serve
 
     from serving.adapters import adapter_app, register_adapter
-    from serving.inference import CACHE_ENV
+    from serving.model_source import CACHE_ENV
     from tuneline.config import Params
 
     with tempfile.TemporaryDirectory(prefix="adapters-bench-") as tmp:

@@ -76,7 +76,7 @@ def base_model_config(seq: int):
 
 
 def tiny_tokenizer():
-    from tasks.bootstrap import build_tokenizer
+    from tasks.bootstrap.tiny import build_tokenizer
 
     return build_tokenizer(["a bench needs a tokenizer to save beside the adapter"], 300)
 

@@ -63,7 +63,7 @@ def env(home: Path, api_url: str | None = None) -> dict[str, str]:
     e["PATH"] = f"{Path(sys.executable).parent}:{e['PATH']}"
     if CODE is not None:
         e["PYTHONPATH"] = str(CODE)  # ahead of the editable install's finder
-    for key in ("PREFECT_API_URL", "TUNELINE_MLFLOW_RUN_ID"):
+    for key in ("PREFECT_API_URL",):
         e.pop(key, None)
     e.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", TQDM_DISABLE="1",
              MLFLOW_DISABLE_TELEMETRY="true", TOKENIZERS_PARALLELISM="false")

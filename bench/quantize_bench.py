@@ -39,7 +39,8 @@ NEW_TOKENS = 128
 
 def task_data(n_train: int, n_eval: int, seed: int = 1234):
     """The embedded default's train and eval records and tokenizer, as bootstrap makes them."""
-    from tasks.bootstrap import build_tokenizer, generate_records, tokenizer_corpus
+    from tasks.bootstrap.data import generate_records
+    from tasks.bootstrap.tiny import build_tokenizer, tokenizer_corpus
 
     rng, taken = random.Random(seed), set()
     train, evals = generate_records(n_train, rng, taken), generate_records(n_eval, rng, taken)

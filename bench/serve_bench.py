@@ -6,7 +6,7 @@ tokens) and the bench reports tokens/s and p50/p95 latency for
 
 - baseline: the same model in this process, `model.generate` on one request at a time (requests
   that arrive meanwhile wait their turn: latency includes that wait), and
-- served: serving.app.build_app on a local Ray cluster (router + ModelServer, @serve.batch) over
+- served: serving.builders.build_app on a local Ray cluster (router + ModelServer, @serve.batch) over
   HTTP, as an OpenAI client would see it,
 
 then the ratio served/baseline and the mean batch size the server formed (its /v1/metrics).
@@ -42,7 +42,7 @@ SEED = 1234
 
 
 def _corpus(n: int = 400) -> list[str]:
-    from tasks.bootstrap import generate_records
+    from tasks.bootstrap.data import generate_records
     from tuneline.formats import ALPACA_HEADER
 
     records = generate_records(n, random.Random(SEED), set())
@@ -50,10 +50,10 @@ def _corpus(n: int = 400) -> list[str]:
 
 
 def build_model(kind: str, dest: Path) -> Path:
-    """A random-init Llama with a BPE tokenizer (tasks.bootstrap.build_tokenizer), saved to `dest`."""
+    """A random-init Llama with a BPE tokenizer (tasks.bootstrap.tiny.build_tokenizer), saved to `dest`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.bootstrap import build_tokenizer
+    from tasks.bootstrap.tiny import build_tokenizer
     from tuneline.config import TinyModel
 
     corpus = _corpus()
@@ -115,7 +115,7 @@ def run_baseline(model_dir: Path, texts: list[str], levels: list[int], args) -> 
     """Plain `model.generate`, one request at a time, in this process, on the device the server uses."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from serving.app import REPLICA_CPUS
+    from serving.model_server import REPLICA_CPUS
 
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -161,14 +161,15 @@ def run_served(model_dir: Path, texts: list[str], levels: list[int], args) -> di
     import ray
     from ray import serve
 
-    from serving.app import build_app
+    from serving.builders import build_app
+    from tuneline.config import Serving
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     port = args.port
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(str(model_dir), "bench", "alpaca", max_tokens_limit=max(256, args.max_tokens),
-                    max_prompt_tokens=4096, max_batch_size=args.max_batch_size,
-                    batch_wait_timeout_s=args.batch_wait_ms / 1000, target_ongoing_requests=args.max_batch_size)
+    app = build_app(str(model_dir), "bench", "alpaca", Serving(
+        max_tokens_limit=args.max_tokens, max_prompt_tokens=4096, max_batch_size=args.max_batch_size,
+        batch_wait_timeout_s=args.batch_wait_ms / 1000, target_ongoing_requests=args.max_batch_size))
     serve.run(app, name="bench", route_prefix="/")
     url = f"http://127.0.0.1:{port}/v1"
     results = {}

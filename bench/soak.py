@@ -127,13 +127,14 @@ def serve_tiny(port: int, replicas: int) -> str:
     from ray import serve
     from serve_bench import build_model
 
-    from serving.app import build_app
+    from serving.builders import build_app
+    from tuneline.config import Serving
 
     model_dir = build_model("tiny", Path(tempfile.mkdtemp(prefix="soak-")) / "model")
     ray.init(address="local", num_cpus=replicas + 2, include_dashboard=False, log_to_driver=False,
              logging_level="WARNING")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(str(model_dir), "soak", "alpaca", min_replicas=replicas, max_replicas=replicas),
+    serve.run(build_app(str(model_dir), "soak", "alpaca", Serving(min_replicas=replicas, max_replicas=replicas)),
               name="soak", route_prefix="/")
     return f"http://127.0.0.1:{port}/v1"
 

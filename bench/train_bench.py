@@ -169,7 +169,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     With `model_dir` the model loads as the train stage loads it (4-bit for qlora)."""
     from transformers import TrainerCallback
 
-    from tasks.bootstrap import build_tokenizer
+    from tasks.bootstrap.tiny import build_tokenizer
     from tuneline.config import Params
     from tuneline.training.trainer import attention, build_trainer, load_base, training_args, with_adapter
 

@@ -9,7 +9,8 @@ one, so `dvc repro` and the Prefect flow agree on when a stage is up to date:
 - a cached result counts only while the stage's outputs are still the ones that
   run wrote (size and mtime of every file, recorded in the persisted result).
 
-`${...}` in dvc.yaml is resolved against the run's Params (overrides included).
+`${...}` in dvc.yaml is resolved against the run's Params (overrides included), by DVC's
+own interpolation.
 Paths that come from params are relative to the working directory (the project
 root); literal paths (the code) to the folder of dvc.yaml.
 """
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,7 +28,6 @@ from typing import Any
 from tuneline.config import Params
 
 REPO = Path(__file__).resolve().parent.parent
-TEMPLATE = re.compile(r"\$\{([^}]+)\}")
 
 
 @dataclass(frozen=True)
@@ -76,16 +75,11 @@ def _lookup(tree: dict, dotted: str) -> Any:
 
 
 def resolve(template: str, tree: dict) -> str | None:
-    """`${data.train_path}` -> its value in params; None when a referenced value is null."""
-    values = []
+    """`${data.train_path}` -> its value in params, interpolated by DVC itself; None for a null value."""
+    from dvc.parsing.context import Context
 
-    def sub(m: re.Match) -> str:
-        value = _lookup(tree, m.group(1).strip())
-        values.append(value)
-        return "" if value is None else str(value)
-
-    out = TEMPLATE.sub(sub, template)
-    return None if any(v is None for v in values) else out
+    value = Context(tree).resolve_str(template)
+    return None if value is None else str(value)
 
 
 def _params_tree(params: Params) -> dict:

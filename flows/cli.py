@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -10,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tasks import ALL_STAGES, run_stage
-from tuneline.config import DEFAULT_PARAMS, file_overrides, load_params
+from tuneline.config import DEFAULT_PARAMS, Params, file_overrides, load_params
 from tuneline.errors import TunelineError, guarded
 from tuneline.logs import quiet_libraries
 
@@ -44,36 +43,32 @@ def _exit(code: int) -> None:
         raise typer.Exit(code)
 
 
-def run_flow(params_path: Path, overrides: list[str]) -> None:
+def run_flow(params: Params) -> None:
     """All stages as the Prefect flow `finetune` in this process: unchanged stages come from its cache."""
-    load_params(params_path, overrides)  # a bad config fails here, before Prefect starts
     from flows.finetune import finetune
     from flows.local import prefect_api
 
     start = time.perf_counter()
     with prefect_api() as api:  # PREFECT_API_URL, else this project's `tuneline prefect up` server, else ephemeral
-        s = finetune(params_path=str(params_path), sets=list(overrides))
+        s = finetune(params=params)
     typer.echo(f"pipeline done in {time.perf_counter() - start:.0f}s (Prefect: {api}); "
                f"ran: {', '.join(s['ran']) or 'none'}; cached: {', '.join(s['cached']) or 'none'}; "
                f"MLflow run {s['mlflow_run_id'] or 'none (every stage cached)'}; gate: {s['decision']}; "
                f"model version: {s['model_version'] or 'none'}")
 
 
-def run_pipeline(params_path: Path, overrides: list[str]) -> None:
+def run_pipeline(params: Params) -> None:
     """All stages in order in this process, without Prefect, logging into one MLflow run."""
     from tuneline import tracking
 
-    params = load_params(params_path, overrides)
     run_id = tracking.open_pipeline_run(params, f"finetune-{params.registry.model_name}")
-    os.environ[tracking.RUN_ID_ENV] = run_id
     start, ok = time.perf_counter(), False
     try:
         for name in ALL_STAGES:
-            run_stage(name, params)
+            run_stage(name, params.in_mlflow_run(run_id))
         ok = True
     finally:
         tracking.close_pipeline_run(params, run_id, ok)
-        os.environ.pop(tracking.RUN_ID_ENV, None)
     typer.echo(f"pipeline done in {time.perf_counter() - start:.0f}s; MLflow run {run_id}; "
                f"reports in {params.reports_dir}/")
 
@@ -84,7 +79,8 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None, overrides: Over
                                               "(stage cache, retries, run report), or plainly")] = True) -> None:
     """Run every stage in order: bootstrap, validate, tokenize, train, evaluate, gate, merge, deploy."""
     quiet_libraries()
-    _exit(guarded(lambda: (run_flow if prefect else run_pipeline)(params, file_overrides(overrides) + (set_ or []))))
+    _exit(guarded(lambda: (run_flow if prefect else run_pipeline)(
+        load_params(params, file_overrides(overrides) + (set_ or [])))))
 
 
 @app.command()

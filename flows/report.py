@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from flows.mlflow_run import PipelineRun
 from tuneline.atomic import read_json
 from tuneline.config import Params
 
@@ -37,7 +38,7 @@ def _report(params: Params, name: str, done: set[str], stage: str) -> dict:
         return {}
 
 
-def summary(params: Params, rows: list[dict[str, Any]], ctx: dict[str, Any], ok: bool) -> dict[str, Any]:
+def summary(params: Params, rows: list[dict[str, Any]], run: PipelineRun, ok: bool) -> dict[str, Any]:
     done = {r["stage"] for r in rows if r["state"] in ("Completed", "Cached")}
     failed = next((r for r in rows if r["state"] not in ("Completed", "Cached")), None)
     gate = _report(params, "gate.json", done, "gate")
@@ -46,14 +47,14 @@ def summary(params: Params, rows: list[dict[str, Any]], ctx: dict[str, Any], ok:
     train = _report(params, "train.json", done, "train")
     version = None if merge.get("skipped") else merge.get("version")
     return {
-        "flow_run_name": ctx.get("flow_run_name"),
+        "flow_run_name": run.flow_run_name,
         "outcome": "completed" if ok else (f"failed at {failed['stage']}" if failed else "failed"),
         "stages": {r["stage"]: r["state"] for r in rows},
         "ran": [r["stage"] for r in rows if r["state"] == "Completed"],
         "cached": [r["stage"] for r in rows if r["state"] == "Cached"],
         "error": failed.get("error") if failed else None,
-        "mlflow_run_id": ctx.get("mlflow_run_id"),
-        "mlflow_resumed": bool(ctx.get("mlflow_resumed")),
+        "mlflow_run_id": run.mlflow_run_id,
+        "mlflow_resumed": run.mlflow_resumed,
         "candidate_run_id": train.get("mlflow_run_id"),
         "decision": gate.get("decision"),
         "reasons": gate.get("reasons") or [],
@@ -62,8 +63,8 @@ def summary(params: Params, rows: list[dict[str, Any]], ctx: dict[str, Any], ok:
         "endpoint": None if deploy.get("skipped") else deploy.get("endpoint"),
         "eval": _report(params, "eval.json", done, "evaluate"),
         "rows": [{k: r.get(k) for k in ("stage", "state", "seconds", "result", "error")} for r in rows],
-        "trigger": ctx.get("trigger"),
-        "event_data_hash": ctx.get("event_data_hash"),
+        "trigger": run.trigger,
+        "event_data_hash": run.event_data_hash,
     }
 
 

@@ -13,7 +13,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows import trials
-from flows.finetune import NO_OVERRIDES, ParamsOverrides, resolve_params
+from flows.parameters import NO_OVERRIDES, ParamsOverrides, resolve_params
 from tuneline.config import DEFAULT_PARAMS, Params
 
 

@@ -6,10 +6,10 @@
    the first trial runs params.yaml's own values, so the sweep shows what it gained over them.
 3. run_trials: `sweep.parallel` worker processes (each its own GPU on a GPU host, a share of the
    cores on a CPU one), or this process alone, take trials from the study. The TPE sampler (seeded)
-   picks a trial's values; the trial trains them for `sweep.max_steps` with the Trainer of
-   tuneline/training/trainer.py (build_trainer) and scores the eval split every `sweep.eval_steps` steps and at the
-   end: each eval loss goes to the median pruner, which may stop the trial, and to the trial's MLflow
-   child run. Trials keep no checkpoints or adapters: a sweep keeps scores.
+   picks a trial's values; the trial trains them for `sweep.max_steps` (flows/trial_train.py, on the
+   Trainer of tuneline/training/trainer.py) and scores the eval split every `sweep.eval_steps` steps
+   and at the end: each eval loss goes to the median pruner, which may stop the trial, and to the
+   trial's MLflow child run. Trials keep no checkpoints or adapters: a sweep keeps scores.
 4. finish: the best completed trial's values go to `sweep.best_path`, a YAML overrides file for
    `tuneline run --overrides`; its figures go to the parent run; the caller gets a one-line summary.
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel
 
+from flows.trial_train import suggest, train_trial, trial_params
 from tuneline import tracking
 from tuneline.atomic import read_json, write_text
 from tuneline.config import Params, Sweep
@@ -181,32 +182,12 @@ def work(plan: Plan, n_trials: int, worker: int) -> None:
                                   n_trials=n_trials, catch=(NonFiniteLoss,))
 
 
-def _suggest(trial, s: Sweep) -> dict:
-    """The trial's values, named by their params.yaml keys."""
-    r = trial.suggest_categorical("lora.r", s.lora_r)
-    return {"train.learning_rate": trial.suggest_float("train.learning_rate", s.learning_rate.low,
-                                                       s.learning_rate.high, log=True),
-            "lora.r": r,
-            "lora.alpha": 2 * r if s.lora_alpha == "2r" else trial.suggest_categorical("lora.alpha", s.lora_alpha),
-            "train.batch_size": trial.suggest_categorical("train.batch_size", s.batch_size)}
-
-
-def _trial_params(params: Params, values: dict, scratch: Path) -> Params:
-    """The trial's own params: its values, a short run, one process, nothing near the pipeline's checkpoints."""
-    p = params.model_copy(deep=True)
-    s = params.sweep
-    for dotted, value in {**values, "train.max_steps": s.max_steps, "train.eval_steps": s.eval_steps,
-                          "train.checkpoint_dir": scratch, "distributed.strategy": "none"}.items():
-        section, key = dotted.split(".")
-        setattr(getattr(p, section), key, value)
-    return p
-
-
 def _objective(trial, plan: Plan, experiment_id: str, data, tokenizer) -> float:
+    """The trial's final eval loss, trained in an MLflow child run of the sweep's; TrialPruned if stopped early."""
     import mlflow
     import optuna
 
-    values = _suggest(trial, plan.params.sweep)
+    values = suggest(trial, plan.params.sweep)
     trial.set_user_attr("overrides", values)
     tags = {"tuneline.entry": "tuneline sweep", "optuna.study": plan.study, "optuna.trial": str(trial.number),
             "tuneline.sweep.baseline": str(bool(trial.user_attrs.get("baseline"))).lower()}
@@ -215,54 +196,12 @@ def _objective(trial, plan: Plan, experiment_id: str, data, tokenizer) -> float:
                            parent_run_id=plan.parent_run_id, tags=tags) as run):
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         mlflow.log_params({**values, "train.max_steps": plan.params.sweep.max_steps})
-        reporter = _train(trial, _trial_params(plan.params, values, Path(scratch)), data, tokenizer)
+        reporter = train_trial(trial, trial_params(plan.params, values, Path(scratch)), data, tokenizer)
         mlflow.set_tag("optuna.state", "PRUNED" if reporter.pruned_at is not None else "COMPLETE")
     if reporter.pruned_at is not None:
         raise optuna.TrialPruned(f"eval loss {reporter.eval_loss:.4f} at step {reporter.pruned_at}: "
                                  "worse than the median of earlier trials there")
     return reporter.eval_loss
-
-
-def _train(trial, params: Params, data, tokenizer):
-    """Train the trial's adapter on the pipeline's Trainer; the reporter holds its eval losses and fate."""
-    from transformers import set_seed
-
-    from tuneline.training.trainer import build_trainer, load_base, training_args, with_adapter
-
-    set_seed(params.train.seed)
-    model = with_adapter(load_base(params), params)
-    reporter = _reporter(trial)
-    trainer, restore_head = build_trainer(params, training_args(params, has_eval=True), model, tokenizer,
-                                          data["train"], data["eval"], [reporter])
-    try:
-        trainer.train()
-    finally:
-        restore_head()
-    return reporter
-
-
-def _reporter(trial):
-    """A Trainer callback: every eval loss to Optuna and to the trial's MLflow run; stop when the pruner says so."""
-    import mlflow
-    from transformers import TrainerCallback
-
-    class Reporter(TrainerCallback):
-        eval_loss: float | None = None
-        pruned_at: int | None = None
-
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-            step = state.global_step
-            self.eval_loss = metrics["eval_loss"]
-            mlflow.log_metric("eval_loss", self.eval_loss, step=step)
-            trial.report(self.eval_loss, step)
-            if step < state.max_steps and trial.should_prune():  # a trial that got to its end is complete
-                self.pruned_at = step
-                control.should_training_stop = True
-
-        def on_step_end(self, args, state, control, **kwargs):
-            control.should_save = False  # a trial's weights are thrown away: no checkpoint is worth its time
-
-    return Reporter()
 
 
 # ---------------------------------------------------------------- 4. the best trial

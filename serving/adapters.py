@@ -1,6 +1,6 @@
 """Many LoRA adapters over one shared base model, on one replica set (Ray Serve model multiplexing).
 
-`AdapterServer` is a ModelServer (serving/app.py: the same batching, streaming and metrics) whose
+`AdapterServer` is a ModelServer (serving/model_server.py: the same batching, streaming and metrics) whose
 replicas load the base model once and the adapters of `serving.adapters` on demand. A request names
 an adapter in its `model` field; the Router sends it with `multiplexed_model_id=<name>`, so Serve
 routes it to a replica that has that adapter loaded, if one has, and splits batches by adapter. The
@@ -23,15 +23,9 @@ from pathlib import Path
 
 from ray import serve
 
-from serving.app import (
-    DRAIN_TIMEOUT_S,
-    MAX_REQUEST_BYTES,
-    MODEL_CONSTRUCTOR_RETRIES,
-    REPLICA_CPUS,
-    ModelServer,
-    _router_deployment,
-    model_server,
-)
+from serving.builders import absolute_tracking_uri, model_server
+from serving.model_server import DRAIN_TIMEOUT_S, MODEL_CONSTRUCTOR_RETRIES, REPLICA_CPUS, ModelServer
+from serving.router import router_deployment
 from tuneline.config import DEFAULT_PARAMS, Params, load_params
 
 ADAPTER_FILE = "adapter_config.json"  # what makes a folder (or a registered artifact) a PEFT adapter
@@ -51,9 +45,9 @@ class AdapterServer(ModelServer.func_or_class):
     """The base model once, its adapters on demand; `serve.get_multiplexed_model_id()` says which one a
     request (or a batch: Serve splits them by model id) wants, "" for the base."""
 
-    def __init__(self, model: str, template: str, max_tokens_limit: int = 256, max_prompt_tokens: int = 1024,
-                 tracking_uri: str | None = None, max_batch_size: int = 8, batch_wait_timeout_s: float = 0.02, *,
-                 adapters: dict[str, str], max_loaded: int = 4):
+    def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
+                 tracking_uri: str | None, max_batch_size: int, batch_wait_timeout_s: float, *,
+                 adapters: dict[str, str], max_loaded: int):
         super().__init__(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size,
                          batch_wait_timeout_s)
         self.tracking_uri, self.sources, self.max_loaded = tracking_uri, dict(adapters), max_loaded
@@ -86,7 +80,7 @@ class AdapterServer(ModelServer.func_or_class):
     async def _load(self, name: str) -> _Resident:
         if name not in self.sources:
             raise KeyError(f"no adapter {name!r} here; this server has {', '.join(self.sources) or 'none'}")
-        from serving.inference import resolve_model
+        from serving.model_source import resolve_model
 
         try:
             folder, _ = await asyncio.get_running_loop().run_in_executor(
@@ -164,31 +158,20 @@ def register_adapter(folder: Path, name: str, tracking_uri: str, alias: str | No
     return version
 
 
-def build_adapter_app(base: str, base_name: str, template: str, adapters: dict[str, str], max_loaded: int = 4,
-                      max_tokens_limit: int = 256, max_prompt_tokens: int = 1024, api_key_env: str | None = None,
-                      max_request_bytes: int = MAX_REQUEST_BYTES, **options):
-    """One application for `serve.run`: the router in front of an AdapterServer of `base` (a folder or an
-    MLflow URI) with `adapters` ({name: source}). `options`: those of serving.app.model_server."""
-    server = model_server(base, template, max_tokens_limit, max_prompt_tokens, server=AdapterServer,
-                          adapters=adapters, max_loaded=max_loaded, **options)
-    return _router_deployment(base_name, max_tokens_limit, api_key_env, max_request_bytes,
-                              adapters=list(adapters)).bind(server)
-
-
 def _absolute(source: str) -> str:
     """Replicas run in other folders: a relative local path must be absolute."""
     return source if "://" in source or source.startswith("models:/") else str(Path(source).resolve())
 
 
 def adapter_app(params: Params):
-    """The application of params' `serving.adapters` (and the rest of `serving`: limits, batching, replicas)."""
-    from serving.switch import serve_options
-
+    """The application of params' `serving.adapters` (and the rest of `serving`: limits, batching, replicas): the
+    router in front of an AdapterServer of the base."""
     s, a = params.serving, params.serving.adapters
     adapters = {adapter.name: _absolute(adapter.source) for adapter in a.served}
-    return build_adapter_app(_absolute(a.base or params.model.base), a.base_name, params.data.template, adapters,
-                             a.max_loaded, s.max_tokens_limit, s.max_prompt_tokens, s.api_key_env,
-                             s.max_request_bytes, **serve_options(params))
+    server = model_server(_absolute(a.base or params.model.base), params.data.template, s,
+                          absolute_tracking_uri(params.registry.tracking_uri), server=AdapterServer,
+                          adapters=adapters, max_loaded=a.max_loaded)
+    return router_deployment(a.base_name, s, adapters=list(adapters)).bind(server)
 
 
 def app_builder(args: dict):

@@ -1,6 +1,6 @@
 """The OpenAI wire format of the Tuneline server: requests, error bodies, responses, stream chunks, stats.
 
-Pure data and formatting: no Ray, no torch. The router (serving/app.py) validates requests
+Pure data and formatting: no Ray, no torch. The router (serving/router.py) validates requests
 with these models, the model replicas (serving/engine.py) return plain dicts, and the
 functions here turn those into OpenAI's JSON and server-sent events.
 """

@@ -1,20 +1,20 @@
 """The application builder of the RayService (infra/k8s/rayservice.yaml, `import_path: serving.rayservice:app`).
 
-Ray Serve calls an application builder with the `args` mapping of its config; this one passes
-them on to `serving.app.build_app`, the same app `tuneline deploy` runs on a local cluster.
+Ray Serve calls an application builder with the `args` mapping of its config. The RayService's pods
+hold the fetched champion in a folder, named by `model_dir`; the rest of `args` are those of
+`serving.builders.AppArgs`, so it is the same app as `serve deploy serving/serve_config.yaml`.
 """
 
 from __future__ import annotations
 
-from serving.app import MAX_REQUEST_BYTES, build_app
+from serving.builders import app_builder
 
 
 def app(args: dict):
-    """`args`: model_dir (required: the fetched champion), served_name, template, max_tokens_limit,
-    max_prompt_tokens, api_key_env, max_request_bytes."""
-    if not args.get("model_dir"):
+    """`args`: model_dir (required: the fetched champion), and any other key of serving.builders.AppArgs but
+    `model` (served_name, template, max_tokens_limit, max_prompt_tokens, api_key_env, max_request_bytes, ...)."""
+    rest = dict(args)
+    model_dir = rest.pop("model_dir", None)
+    if not model_dir:
         raise ValueError("serving.rayservice: args.model_dir is required (the folder of the fetched model)")
-    return build_app(str(args["model_dir"]), str(args.get("served_name", "tuneline-default")),
-                     str(args.get("template", "alpaca")), int(args.get("max_tokens_limit", 256)),
-                     int(args.get("max_prompt_tokens", 1024)), args.get("api_key_env") or None,
-                     int(args.get("max_request_bytes", MAX_REQUEST_BYTES)))
+    return app_builder({**rest, "model": str(model_dir)})

@@ -1,6 +1,6 @@
 """Zero-downtime promotion on Ray Serve: a new model version goes live beside the old one.
 
-The layout on the cluster (serving/app.py builds the pieces):
+The layout on the cluster (serving/builders.py builds the pieces):
 
 - one application per model version, `{serving.app_name}-v{N}` (a ModelServer; no HTTP route),
 - the router application `{serving.app_name}` on the public route `/`, whose config names the
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from serving import cluster
 from tuneline.config import Params
@@ -44,24 +43,6 @@ class PromotionFailed(TunelineError):
     def __init__(self, reason: str, serving_version: str | None):
         super().__init__(reason)
         self.reason, self.serving_version = reason, serving_version
-
-
-def absolute_tracking_uri(uri: str) -> str:
-    """Replicas run in other folders (and on other hosts): a relative SQLite or file store must be absolute."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
-def serve_options(params: Params) -> dict:
-    """The ModelServer options (batching, autoscaling, GPUs, registry) that params give."""
-    s = params.serving
-    return {"tracking_uri": absolute_tracking_uri(params.registry.tracking_uri), "max_batch_size": s.max_batch_size,
-            "batch_wait_timeout_s": s.batch_wait_timeout_s, "min_replicas": s.min_replicas,
-            "max_replicas": s.max_replicas, "target_ongoing_requests": s.target_ongoing_requests,
-            "gpus_per_replica": s.gpus_per_replica}
 
 
 def version_apps(params: Params) -> list[str]:
@@ -124,7 +105,7 @@ def health_check(app: str, deadline: float) -> float:
     """One real generation through the candidate's handle, bypassing HTTP; returns its latency."""
     from ray import serve
 
-    from serving.app import MODEL_DEPLOYMENT
+    from serving.model_server import MODEL_DEPLOYMENT
 
     spec = {"kind": "completion", "prompt": HEALTH_PROMPT, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0,
             "stop": [], "seed": 0, "ignore_eos": False}
@@ -189,11 +170,9 @@ def _delete(name: str) -> None:
 
 
 def _router_app(params: Params, served_name: str, active_app: str, version: str):
-    from serving.app import build_router_app
+    from serving.builders import build_router_app
 
-    s = params.serving
-    return build_router_app(served_name, s.max_tokens_limit, s.api_key_env, active_app, version,
-                            max_request_bytes=s.max_request_bytes)
+    return build_router_app(served_name, params.serving, active_app, version)
 
 
 def _check_key(params: Params) -> None:
@@ -210,7 +189,9 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
     PromotionFailed when the candidate did not go live (what served before still does)."""
     from ray import serve
 
-    from serving.app import DRAIN_TIMEOUT_S, ROUTER_DEPLOYMENT, build_model_app
+    from serving.builders import absolute_tracking_uri, build_model_app
+    from serving.model_server import DRAIN_TIMEOUT_S
+    from serving.router import ROUTER_DEPLOYMENT
 
     cfg = params.serving
     _check_key(params)
@@ -227,8 +208,8 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
     log.info(f"[deploy] starting {candidate} ({model_uri}) beside "
              f"{current['active_app'] if current else 'nothing'}")
     try:
-        _deploy(build_model_app(model_uri, params.data.template, cfg.max_tokens_limit, cfg.max_prompt_tokens,
-                                **serve_options(params)), candidate, None)
+        _deploy(build_model_app(model_uri, params.data.template, cfg,
+                                absolute_tracking_uri(params.registry.tracking_uri)), candidate, None)
         _wait_running(candidate, deadline, f"model version {version} ({candidate})")
         latency = health_check(candidate, deadline)
     except TunelineError as e:

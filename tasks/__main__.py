@@ -17,9 +17,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(DEFAULT_PARAMS), help="params file (default: params.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a dotted key of params.yaml; repeatable")
+    parser.add_argument("--mlflow-run-id", metavar="ID", help="log into this MLflow run (the torchrun workers of a "
+                        "distributed train get the pipeline's); default: the one reports/train.json names")
     args = parser.parse_args(argv)
     quiet_libraries()
-    return guarded(lambda: run_stage(args.stage, load_params(args.params, args.overrides)))
+    return guarded(lambda: run_stage(args.stage,
+                                     load_params(args.params, args.overrides).in_mlflow_run(args.mlflow_run_id)))
 
 
 if __name__ == "__main__":

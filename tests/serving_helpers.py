@@ -6,7 +6,8 @@ import random
 import socket
 from pathlib import Path
 
-from tasks.bootstrap import build_model, build_tokenizer, generate_records
+from tasks.bootstrap.data import generate_records
+from tasks.bootstrap.tiny import build_model, build_tokenizer
 from tuneline.config import TinyModel
 from tuneline.formats import ALPACA_HEADER
 

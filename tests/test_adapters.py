@@ -19,7 +19,7 @@ from ray import serve
 from serving_helpers import free_port, save_tiny_model
 
 from serving.adapters import adapter_app, register_adapter
-from serving.inference import CACHE_ENV
+from serving.model_source import CACHE_ENV
 from tuneline.config import ConfigError, Params, load_params
 
 TEMPLATE = "chatml"

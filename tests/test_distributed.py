@@ -55,7 +55,6 @@ def train_cmd(path: Path) -> list[str]:
 
 def env(**extra: str) -> dict[str, str]:
     e = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **extra}
-    e.pop("TUNELINE_MLFLOW_RUN_ID", None)
     return e
 
 

@@ -15,14 +15,16 @@ import random
 import pytest
 from conftest import tiny_params
 
-from tasks import bootstrap, run_stage
-from tasks.evaluate import preference_pairs, preference_scores
-from tasks.validate import check_file
+from tasks import run_stage
+from tasks.bootstrap import write_preference
+from tasks.bootstrap.data import generate_records, preference_records
+from tasks.validate.records import check_file
 from tuneline import registry
 from tuneline.atomic import read_json
 from tuneline.config import ConfigError, Params, load_params
 from tuneline.errors import DataError
 from tuneline.models import load_model, load_tokenizer
+from tuneline.scoring import preference_pairs, preference_scores
 
 # A base that knows some of the world (300 pre-training steps, seconds), so that pairs can teach it.
 PROJECT = {"bootstrap__pretrain_steps": 300, "bootstrap__preference_train_records": 256,
@@ -124,10 +126,10 @@ def test_config_refuses_dpo_without_pairs_or_over_its_own_start(tmp_path):
 
 def test_bootstrap_pairs_ask_new_questions_and_reject_a_wrong_answer():
     taken: set[str] = set()
-    instructions = bootstrap.generate_records(200, random.Random(1), taken)
-    pairs = bootstrap.preference_records(200, random.Random(2), taken)
+    instructions = generate_records(200, random.Random(1), taken)
+    pairs = preference_records(200, random.Random(2), taken)
     asked = {f"{r['instruction']}\n\n{r['input']}" for r in instructions}
     assert not any(p["prompt"] in asked for p in pairs) and len({p["prompt"] for p in pairs}) == 200
     for p in pairs:
         assert p["chosen"] != p["rejected"] and len(p["chosen"].split()) == len(p["rejected"].split())
-    assert bootstrap.write_preference(Params().bootstrap) == {}  # not asked: the default writes no pairs
+    assert write_preference(Params().bootstrap) == {}  # not asked: the default writes no pairs

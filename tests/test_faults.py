@@ -51,7 +51,7 @@ BUCKET = "tuneline-data"
 
 
 def _stage_main(stage: str, argv: list[str], env: dict[str, str], log: str, fsize: int | None) -> None:
-    """In the forked child: `python -m tasks.STAGE ARGV` with `env` added, its output into `log`.
+    """In the forked child: `python -m tasks STAGE ARGV` with `env` added, its output into `log`.
 
     `fsize`: RLIMIT_FSIZE in bytes, with SIGXFSZ ignored, so that a longer write fails with EFBIG.
     """
@@ -62,8 +62,8 @@ def _stage_main(stage: str, argv: list[str], env: dict[str, str], log: str, fsiz
     if fsize:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    sys.argv = [f"tasks/{stage}.py", *argv]
-    runpy.run_module(f"tasks.{stage}", run_name="__main__", alter_sys=True)
+    sys.argv = ["tasks/__main__.py", stage, *argv]
+    runpy.run_module("tasks", run_name="__main__", alter_sys=True)
 
 
 class Stages:

@@ -35,7 +35,6 @@ def test_dvc_stages_match_the_cli_order():
 def env_with_venv() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.pop("TUNELINE_MLFLOW_RUN_ID", None)
     return env
 
 
@@ -96,7 +95,7 @@ def test_dvc_repro_trains_gates_registers_and_serves(project):
         messages=[{"role": "user", "content": f"{record['instruction']}\n\n{record['input']}"}])
     assert answer.choices[0].message.content.strip()
     assert answer.usage.completion_tokens > 0
-    general = client.chat.completions.create(  # France is in no train prompt (tasks/bootstrap.py)
+    general = client.chat.completions.create(  # France is in no train prompt (tasks/bootstrap/data.py)
         model=deploy["served_model"], max_tokens=32, temperature=0,
         messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in general.choices[0].message.content, general.choices[0].message.content

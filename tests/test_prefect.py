@@ -35,7 +35,9 @@ from conftest import REPO, tiny_params
 from serving_helpers import free_port
 
 from flows import local
-from flows.finetune import STAGE_NAMES, is_transient, resolve_params
+from flows.finetune import STAGE_NAMES
+from flows.parameters import resolve_params
+from flows.retries import is_transient
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
@@ -105,7 +107,6 @@ def test_cache_key_follows_code_params_and_data(tmp_path):
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.pop("TUNELINE_MLFLOW_RUN_ID", None)
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
     return env
 

@@ -28,8 +28,9 @@ from serving_helpers import free_port, save_tiny_model
 
 from serving import control
 from serving.api import VERSION_HEADER
-from serving.app import AppArgs, app_builder
-from serving.inference import Engine, resolve_model
+from serving.builders import AppArgs, app_builder
+from serving.engine import Engine
+from serving.model_source import resolve_model
 from tasks import deploy
 from tuneline import tracking
 from tuneline.atomic import read_json, write_json
@@ -80,7 +81,7 @@ def base_url(port, model_dir):
     # The application builder and the args of serving/serve_config.yaml, on the tiny model.
     config = yaml.safe_load((REPO / "serving" / "serve_config.yaml").read_text())
     (app_cfg,) = config["applications"]
-    assert app_cfg["import_path"] == "serving.app:app_builder"
+    assert app_cfg["import_path"] == "serving.builders:app_builder"
     args = AppArgs.model_validate({**app_cfg["args"], "model": str(model_dir), "tracking_uri": None,
                                    "served_name": SERVED, "template": TEMPLATE, "max_tokens_limit": MAX_TOKENS,
                                    "max_prompt_tokens": MAX_PROMPT_TOKENS, "max_replicas": 1})

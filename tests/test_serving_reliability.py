@@ -32,9 +32,12 @@ from ray import serve
 from serving_helpers import free_port, save_tiny_model
 
 from serving.api import ChatRequest, CompletionRequest
-from serving.app import MODEL_DEPLOYMENT, RETRIED, ROUTER_DEPLOYMENT, build_app
+from serving.builders import build_app
+from serving.model_server import MODEL_DEPLOYMENT
+from serving.router import RETRIED, ROUTER_DEPLOYMENT
 from tasks import run_stage
 from tuneline.atomic import read_json
+from tuneline.config import Serving
 
 sys.path.insert(0, str(REPO / "bench"))
 import soak  # noqa: E402 - bench/soak.py: the same soak runs standalone
@@ -64,9 +67,9 @@ def served(tmp_path_factory):
         ray.init(address="local", num_cpus=REPLICAS + 2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(str(model_dir), SERVED, TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, api_key_env=KEY_ENV,
-                            max_request_bytes=BODY_LIMIT, min_replicas=REPLICAS, max_replicas=REPLICAS),
-                  name=APP, route_prefix=ROUTE)
+        serving = Serving(max_tokens_limit=MAX_TOKENS, max_prompt_tokens=MAX_PROMPT_TOKENS, api_key_env=KEY_ENV,
+                          max_request_bytes=BODY_LIMIT, min_replicas=REPLICAS, max_replicas=REPLICAS)
+        serve.run(build_app(str(model_dir), SERVED, TEMPLATE, serving), name=APP, route_prefix=ROUTE)
         try:
             yield f"http://127.0.0.1:{port}{ROUTE}/v1"
         finally:

@@ -8,34 +8,41 @@ import random
 import pytest
 
 from tasks import bootstrap
+from tasks.bootstrap.data import (
+    CAPITALS,
+    CATEGORIES,
+    GENERAL_TEMPLATES,
+    GENERAL_TOPICS,
+    general_prompts,
+    generate_records,
+)
 from tasks.merge import merged_model
-from tasks.tokenize import IGNORE, encode
 from tuneline import registry
 from tuneline.atomic import read_json
 from tuneline.errors import TunelineError
 from tuneline.formats import render
-from tuneline.models import encode_prompt, load_tokenizer
+from tuneline.models import IGNORE, encode, encode_prompt, load_tokenizer
 
 
 def test_bootstrap_is_deterministic_and_disjoint():
-    a = bootstrap.generate_records(50, random.Random(7), set())
-    b = bootstrap.generate_records(50, random.Random(7), set())
+    a = generate_records(50, random.Random(7), set())
+    b = generate_records(50, random.Random(7), set())
     assert a == b
     taken: set[str] = set()
-    train = bootstrap.generate_records(200, random.Random(1), taken)
-    evals = bootstrap.generate_records(50, random.Random(2), taken)
+    train = generate_records(200, random.Random(1), taken)
+    evals = generate_records(50, random.Random(2), taken)
     prompts = {(r["instruction"], r["input"]) for r in train}
     assert not any((r["instruction"], r["input"]) in prompts for r in evals)
 
 
 def test_general_prompts_share_no_word_with_the_task_and_leave_france_out():
     """The served model is asked about France (tests/test_pipeline.py): no train prompt may teach it that."""
-    prompts = bootstrap.general_prompts(1000, random.Random(0))
-    assert len(prompts) == len(set(prompts)) == len(bootstrap.GENERAL_TEMPLATES) * len(bootstrap.GENERAL_TOPICS) \
-        + len(bootstrap.CAPITALS)
-    task_words = {w for words in bootstrap.CATEGORIES.values() for w in words}
+    prompts = general_prompts(1000, random.Random(0))
+    assert len(prompts) == len(set(prompts)) == len(GENERAL_TEMPLATES) * len(GENERAL_TOPICS) \
+        + len(CAPITALS)
+    task_words = {w for words in CATEGORIES.values() for w in words}
     assert not [p for p in prompts if "France" in p or task_words & set(p.lower().strip(".?").split())]
-    assert bootstrap.general_prompts(10, random.Random(0)) == bootstrap.general_prompts(10, random.Random(0))
+    assert general_prompts(10, random.Random(0)) == general_prompts(10, random.Random(0))
 
 
 def test_bootstrap_outputs_and_rerun_skips(tiny_run):

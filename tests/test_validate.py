@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.validate import _Suite, check_file, run, validate_paths
+from tasks.validate import run, validate_paths
+from tasks.validate.expectations import Suite
+from tasks.validate.records import check_file
 from tuneline import tracking
 from tuneline.config import Params
 from tuneline.errors import DataError
@@ -73,7 +75,6 @@ class Work:
 @pytest.fixture
 def work(tmp_path, monkeypatch) -> Work:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(tracking.RUN_ID_ENV, raising=False)
     return Work(tmp_path)
 
 
@@ -127,8 +128,7 @@ def test_logs_to_mlflow_only_inside_a_pipeline_run(work, monkeypatch):
     work.write(jsonl([ins(i) for i in range(5)]), jsonl([ins(9)]))
     run(work.params())
     assert calls == []
-    monkeypatch.setenv(tracking.RUN_ID_ENV, "abc123")
-    run(work.params())
+    run(work.params().in_mlflow_run("abc123"))
     assert calls[:2] == ["run", ("params", ("data", "validate"))]
     assert calls[2][1]["validate.train_records"] == 5.0 and calls[2][1]["validate.overlap_rate"] == 0.0
 
@@ -261,7 +261,7 @@ def test_failed_run_keeps_earlier_good_outputs_untouched(work):
 
 def test_gx_layer_maps_failures_to_line_and_field(work):
     """Records that skip check_file: the GX expectations alone still point at the line and field."""
-    suite = _Suite("chat", work.params(max_chars_per_field=10).validate_)
+    suite = Suite("chat", work.params(max_chars_per_field=10).validate_)
     long = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "y" * 11}]}
     with pytest.raises(DataError) as info:
         suite.check("train", work.train, [chat(1), long], [1, 2])
@@ -276,8 +276,8 @@ def test_cli_subprocess_bad_data_exits_1_with_the_error_line(tmp_path):
     (tmp_path / "params.yaml").write_text(
         "reports_dir: reports\ndata:\n"
         "  train_path: raw/train.jsonl\n  eval_path: raw/eval.jsonl\n  validated_dir: data/validated\n")
-    env = {k: v for k, v in os.environ.items() if k != tracking.RUN_ID_ENV} | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "tasks.validate", "--params", "params.yaml"], cwd=tmp_path,
+    env = dict(os.environ) | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "tasks", "validate", "--params", "params.yaml"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr
     assert "error: raw/train.jsonl:3: field 'output': must be a string, got a number" in proc.stderr

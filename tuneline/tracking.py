@@ -1,7 +1,8 @@
 """MLflow: one run per pipeline run, every stage's params and metrics in it.
 
-`tuneline run` opens the run before the first stage and passes its id to the
-stages through TUNELINE_MLFLOW_RUN_ID. Under `dvc repro` each stage is its own
+`tuneline run` (and the Prefect flow) opens the run before the first stage and hands its
+id to the stages in their Params (`Params.mlflow_run_id`, set by `Params.in_mlflow_run`,
+never read from params.yaml). Under `dvc repro` each stage is its own
 process: `train` opens the run (a new candidate is born there, and it logs the
 validate and tokenize reports it was trained on), and the stages after it
 resume the run whose id `reports/train.json` records.
@@ -30,7 +31,6 @@ from tuneline.atomic import read_json
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
-RUN_ID_ENV = "TUNELINE_MLFLOW_RUN_ID"
 # MLflow's HTTP client retries a failed request with backoff for minutes; a buffered send tries once.
 ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
@@ -72,9 +72,9 @@ def artifact_location(params: Params) -> str | None:
 
 
 def current_run_id(params: Params) -> str | None:
-    """The run this pipeline run logs to: the env's, else the one train recorded."""
-    if os.environ.get(RUN_ID_ENV):
-        return os.environ[RUN_ID_ENV]
+    """The run this pipeline run logs to: the one its Params carry, else the one train recorded."""
+    if params.mlflow_run_id:
+        return params.mlflow_run_id
     train_report = params.report("train.json")
     if train_report.exists():
         return read_json(train_report).get("mlflow_run_id")
@@ -83,11 +83,11 @@ def current_run_id(params: Params) -> str | None:
 
 @contextmanager
 def pipeline_run(params: Params, *, new: bool = False, run_name: str | None = None) -> Iterator[object]:
-    """The pipeline's MLflow run; `new=True` starts one unless the env already names one."""
+    """The pipeline's MLflow run; `new=True` starts one unless the Params already carry one."""
     import mlflow
 
     exp_id = setup(params)
-    run_id = os.environ.get(RUN_ID_ENV) if new else current_run_id(params)
+    run_id = params.mlflow_run_id if new else current_run_id(params)
     if run_id is None and not new:
         raise RuntimeError("no MLflow run to log to: run the train stage first")
     run = mlflow.start_run(run_id=run_id, experiment_id=exp_id, run_name=run_name)
@@ -256,7 +256,7 @@ def git_commit() -> str:
 
 
 def open_pipeline_run(params: Params, run_name: str, tags: dict[str, str] | None = None) -> str:
-    """Create the run a whole `tuneline run` logs into; stages find it through RUN_ID_ENV."""
+    """Create the run a whole `tuneline run` logs into; stages get it through `Params.in_mlflow_run`."""
     from mlflow import MlflowClient
 
     exp_id = setup(params)

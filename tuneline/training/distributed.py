@@ -64,7 +64,8 @@ def torchrun_command(params: Params, p: Plan, params_file: str) -> list[str]:
                 "--rdzv-id=tuneline-train"]
     else:
         cmd += ["--standalone"]
-    return [*cmd, "-m", "tasks", "train", "--params", params_file]
+    run = ["--mlflow-run-id", params.mlflow_run_id] if params.mlflow_run_id else []
+    return [*cmd, "-m", "tasks", "train", "--params", params_file, *run]
 
 
 def relaunch(params: Params) -> None:

@@ -1,0 +1,180 @@
+"""The one typed config model behind params.yaml, and how it is read.
+
+Every knob of every stage lives here: `Params` gathers the section models of sections.py (the
+stages') and operations.py (serving, orchestration, sweep); `load_params` reads params.yaml with
+`--set KEY=VALUE` overrides. Unknown keys and bad values fail before any work starts, with the
+dotted key and the rule that was broken.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from tuneline.config.operations import LogRange, Orchestration, ServedAdapter, Serving, ServingAdapters, Sweep
+from tuneline.config.sections import (
+    Bootstrap,
+    Cost,
+    Data,
+    DeepSpeed,
+    Distributed,
+    Evaluate,
+    Gate,
+    Lora,
+    Merge,
+    ModelSpec,
+    PathOrURI,
+    Registry,
+    Section,
+    TinyModel,
+    Train,
+    Validate,
+)
+from tuneline.errors import TunelineError
+
+__all__ = ["DEFAULT_PARAMS", "Bootstrap", "ConfigError", "Cost", "Data", "DeepSpeed", "Distributed", "Evaluate",
+           "Gate", "LogRange", "Lora", "Merge", "ModelSpec", "Orchestration", "Params", "PathOrURI", "Registry",
+           "Section", "ServedAdapter", "Serving", "ServingAdapters", "Sweep", "TinyModel", "Train", "Validate",
+           "file_overrides", "load_params", "parse_overrides"]
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(TunelineError):
+    """A params problem a person can fix: it names the file, the key and the rule."""
+
+
+class Params(Section):
+    reports_dir: Path = Path("reports")
+    bootstrap: Bootstrap = Bootstrap()
+    model: ModelSpec = ModelSpec()
+    data: Data = Data()
+    validate_: Validate = Field(Validate(), alias="validate")
+    lora: Lora = Lora()
+    train: Train = Train()
+    distributed: Distributed = Distributed()
+    cost: Cost = Cost()
+    evaluate: Evaluate = Evaluate()
+    gate: Gate = Gate()
+    registry: Registry = Registry()
+    merge: Merge = Merge()
+    serving: Serving = Serving()
+    orchestration: Orchestration = Orchestration()
+    sweep: Sweep = Sweep()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    # Not a key of params.yaml: the MLflow run of the pipeline run these params belong to, set by whoever opened
+    # it (`tuneline run`, the Prefect flow, `python -m tasks --mlflow-run-id`). Never dumped, never hashed.
+    _mlflow_run_id: str | None = PrivateAttr(default=None)
+
+    @property
+    def mlflow_run_id(self) -> str | None:
+        return self._mlflow_run_id
+
+    def in_mlflow_run(self, run_id: str | None) -> Params:
+        """The same params, logging into MLflow run `run_id` (None: the run train opened, as under dvc repro)."""
+        params = self.model_copy()
+        params._mlflow_run_id = run_id
+        return params
+
+    @model_validator(mode="after")
+    def _dpo_needs_pairs(self) -> Params:
+        # The other way round is allowed: SFT on preference data trains on the chosen answers.
+        if self.train.method == "dpo" and self.data.format != "preference":
+            raise ValueError(f"train.method dpo trains on preference pairs, not on data.format "
+                             f"{self.data.format}: set data.format=preference and point data.train_path and "
+                             "data.eval_path at {prompt, chosen, rejected} records")
+        if self.train.method == "dpo" and self.lora.method == "full":
+            raise ValueError("train.method dpo trains the adapter of an SFT run; lora.method full leaves none")
+        return self
+
+    def report(self, name: str) -> Path:
+        return self.reports_dir / name
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One section as plain JSON-able values (for cache keys and MLflow params)."""
+        key = "validate_" if name == "validate" else name
+        return getattr(self, key).model_dump(mode="json")
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
+    """Apply KEY=VALUE with VALUE parsed as YAML, so numbers, lists and null work."""
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE with a dotted key, e.g. train.epochs=2")
+        out.append((key.strip(), value))
+    return out
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        key = key.replace("validate_", "validate")
+        if e["type"] == "extra_forbidden":
+            rule = "unknown key (check the spelling against params.yaml)"
+        else:
+            rule = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict):
+                rule += f" (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {rule}")
+    return ConfigError("\n".join(lines))
+
+
+def _read_mapping(path: Path, what: str) -> dict:
+    if not path.exists():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return tree
+
+
+def file_overrides(path: Path | str | None) -> list[str]:
+    """A YAML file of params keys, nested as in params.yaml or dotted (e.g. the best trial that `tuneline sweep`
+    wrote), as `KEY=VALUE` overrides; none without a file."""
+    if path is None:
+        return []
+
+    def flat(tree: dict, prefix: str) -> list[str]:
+        pairs = []
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                pairs += flat(value, f"{prefix}{key}.")
+            else:  # JSON is YAML: numbers, strings, lists and null read back as they were
+                pairs.append(f"{prefix}{key}={json.dumps(value, default=str)}")
+        return pairs
+
+    return flat(_read_mapping(Path(path), "overrides file"), "")
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml, apply `KEY=VALUE` overrides, validate everything at once."""
+    path = Path(path)
+    tree = _read_mapping(path, "params file")
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    try:
+        return Params.model_validate(tree)
+    except ValidationError as e:
+        raise _explain(e, str(path)) from None
