@@ -17,8 +17,16 @@ lock-upgrade:
 run: install
 	PATH="$(CURDIR)/.venv/bin:$$PATH" tuneline run
 
+# Everything (CI runs this): the layer contracts, then unit, integration and end-to-end tests.
 test: install
+	.venv/bin/lint-imports
 	PATH="$(CURDIR)/.venv/bin:$$PATH" pytest
+
+# The fast lane for development: the contracts and tests/unit (no services, no training), in about a minute.
+test-fast: install
+	.venv/bin/lint-imports
+	PATH="$(CURDIR)/.venv/bin:$$PATH" pytest tests/unit
 
 lint: install
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports

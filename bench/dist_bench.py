@@ -84,7 +84,7 @@ def tiny_tokenizer():
 def bench(args) -> dict:
     from transformers import TrainerCallback
 
-    from tuneline.training import engine
+    from tuneline.training import supervision
     from tuneline.training.trainer import save_adapter, training_args, with_adapter
 
     root = Path(args.workdir)
@@ -104,7 +104,7 @@ def bench(args) -> dict:
                 losses.append(float(logs["loss"]))
 
     torch.cuda.reset_peak_memory_stats()
-    trainer = engine.TunelineTrainer(model=model, args=targs,
+    trainer = supervision.TunelineTrainer(model=model, args=targs,
                                      train_dataset=ZipfTokens(args.steps * args.bs * 8, args.seq),
                                      callbacks=[Clock()])
     trainer.train()

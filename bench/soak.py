@@ -3,7 +3,7 @@
 A closed loop of --clients clients (bench/serve_bench.py's) sends --requests short requests in all,
 completions and chat completions by turns; every answer must be a 200 whose body is a well-formed
 OpenAI response with its usage. Prints requests, errors (with the first few), p50/p95 latency and
-requests/s; --json writes the same figures to a file. tests/test_serving_reliability.py runs this
+requests/s; --json writes the same figures to a file. tests/integration/test_serving_reliability.py runs this
 soak on its own served app.
 
     python bench/soak.py                                   # a tiny model on a local Ray cluster of its own

@@ -80,7 +80,7 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None, overrides: Over
     """Run every stage in order: bootstrap, validate, tokenize, train, evaluate, gate, merge, deploy."""
     quiet_libraries()
     _exit(guarded(lambda: (run_flow if prefect else run_pipeline)(
-        load_params(params, file_overrides(overrides) + (set_ or [])))))
+        load_params(params, set_ or [], layer=file_overrides(overrides)))))
 
 
 @app.command()

@@ -3,7 +3,6 @@ shows them in its run form (*Run > Custom run*), plus `sets` (dotted KEY=VALUE, 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -34,23 +33,16 @@ ParamsOverrides = _optional(Params)
 NO_OVERRIDES = ParamsOverrides()
 
 
-def _flatten(tree: Any, prefix: str = "") -> list[str]:
-    """{"train": {"epochs": 2}} -> ["train.epochs=2"] (values as JSON, which YAML reads back); None skipped."""
+def _filled(tree: Any) -> Any:
+    """The keys of the form that were filled in: empty (None) keys keep params.yaml's value."""
     if isinstance(tree, BaseModel):
-        tree = tree.model_dump(mode="json", by_alias=True, exclude_none=True)
-    out: list[str] = []
-    for key, value in (tree or {}).items():
-        if value is None:
-            continue
-        key = "validate" if key == "validate_" else key
-        if isinstance(value, dict):
-            out += _flatten(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={json.dumps(value, default=str)}")
-    return out
+        tree = tree.model_dump(mode="json", by_alias=True)
+    if isinstance(tree, dict):
+        return {key: _filled(value) for key, value in tree.items() if value is not None}
+    return tree
 
 
 def resolve_params(params_path: str | Path = DEFAULT_PARAMS, overrides: Any = None,
                    sets: list[str] | None = None) -> Params:
-    """params.yaml, then the typed overrides, then the dotted `sets`; validated with the keys named."""
-    return load_params(params_path, _flatten(overrides) + list(sets or []))
+    """params.yaml, then the typed overrides, then the dotted `sets`; validated once, naming the keys at fault."""
+    return load_params(params_path, list(sets or []), layer=_filled(overrides or {}))

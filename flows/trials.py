@@ -171,7 +171,7 @@ def work(plan: Plan, n_trials: int, worker: int) -> None:
     """One worker: `n_trials` trials from the study, one after another, on the tokenized data."""
     from datasets import load_from_disk
 
-    from tuneline.training.engine import NonFiniteLoss
+    from tuneline.training.supervision import NonFiniteLoss
 
     params = plan.params
     experiment_id = tracking.setup(params)

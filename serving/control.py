@@ -72,7 +72,7 @@ def _serve_version(params: Params, report: dict, name: str, version: str, action
            "version": version,
            "model_uri": uri, "app": outcome["app"], "previous_version": outcome["previous_version"]}
     write_json(params.report("deploy.json"), new)
-    registry.client(params).set_registered_model_alias(name, registry.CHAMPION, version)
+    registry.make_champion(params, name, version)
     log.info(f"{action}: version {version} serves (was {outcome['previous_version'] or 'nothing'}); "
              f"alias champion -> {version}")
     return new

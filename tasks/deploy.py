@@ -16,14 +16,13 @@ import logging
 from pathlib import Path
 
 from serving import cluster, control, switch
-from tuneline import tracking
+from tuneline import registry, tracking
 from tuneline.atomic import read_json, write_json
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
 log = logging.getLogger("tuneline")
 
-CHAMPION_ALIAS = "champion"
 MERGE_KEYS = ("model_name", "version", "model_dir", "model_uri")
 
 
@@ -44,18 +43,6 @@ def _skip(params: Params, gate: dict) -> dict:
     write_json(params.report("deploy.json"), report)
     log.info(f"[deploy] skipped: {reason}; the running deployment, if any, is unchanged")
     return {"skipped": True}
-
-
-def _promote(params: Params, model_name: str, version: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    from tuneline import registry
-
-    try:
-        registry.client(params).set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
-    except MlflowException as e:
-        raise TunelineError(f"serving {model_name} v{version}, but could not move the "
-                            f"'{CHAMPION_ALIAS}' alias to it: {e}") from None
 
 
 def _log_to_run(params: Params, report: dict, latency: float) -> None:
@@ -86,7 +73,7 @@ def _rolled_back(params: Params, model_name: str, version: str, model_uri: str, 
     still = (f"version {failure.serving_version} keeps serving" if failure.serving_version
              else "nothing served before, nothing serves now")
     return TunelineError(f"deploy of {model_name} v{version} failed and was rolled back: {failure.reason}\n"
-                         f"{still}; the '{CHAMPION_ALIAS}' alias is unchanged; see {params.report('deploy.json')}")
+                         f"{still}; the '{registry.CHAMPION}' alias is unchanged; see {params.report('deploy.json')}")
 
 
 def run(params: Params) -> dict:
@@ -115,7 +102,7 @@ def run(params: Params) -> dict:
               "served_model": served, "model_uri": model_uri, "app": outcome["app"],
               "previous_version": outcome["previous_version"]}
     write_json(params.report("deploy.json"), report)
-    _promote(params, model_name, version)
+    registry.make_champion(params, model_name, version)
     _log_to_run(params, report, outcome["health_check_s"])
     return {"endpoint": report["endpoint"], "model_name": model_name, "version": version,
             "previous_version": outcome["previous_version"] or "none", "health_check_s": outcome["health_check_s"],

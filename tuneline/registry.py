@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tuneline import tracking
 from tuneline.config import Params
+from tuneline.errors import TunelineError
 
 log = logging.getLogger("tuneline")
 
@@ -60,6 +61,17 @@ def register(params: Params, model, tokenizer, tags: dict[str, str]) -> str:
         version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
     c.set_registered_model_alias(name, CHALLENGER, version)
     return version
+
+
+def make_champion(params: Params, name: str, version: str) -> None:
+    """Move the `champion` alias to `version` of model `name`: the version that serves."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(params).set_registered_model_alias(name, CHAMPION, version)
+    except MlflowException as e:
+        raise TunelineError(f"serving {name} v{version}, but could not move the '{CHAMPION}' alias to it: "
+                            f"{e}") from None
 
 
 def alias_version(params: Params, alias: str) -> str | None:

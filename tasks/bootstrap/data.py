@@ -98,7 +98,7 @@ def pretraining_text(rng: random.Random) -> str:
 # Prompts of other kinds, answered by the base model itself and mixed into train: without them LoRA on the
 # word task teaches the model that every answer is a word or two ("What is the capital of France?" ->
 # "capital"); with them it learns the task and keeps its own answers elsewhere. No word of the task's
-# categories occurs here, and France is left out: tests/test_pipeline.py asks the served model about it.
+# categories occurs here, and France is left out: tests/e2e/test_pipeline.py asks the served model about it.
 GENERAL_TOPICS = ("a volcano", "gravity", "a library", "the moon", "bread", "a bicycle", "mountains", "rain",
                   "a computer", "a bridge", "electricity", "a rainbow", "winter", "the sun", "a garden", "music",
                   "a train", "coffee", "the internet", "a museum", "snow", "a hospital", "chess", "a camera",

@@ -8,7 +8,7 @@ it into a second adapter (`ref`) of the one PEFT model, so no second model is
 loaded (the DPO paper's choice, pi_ref = pi_SFT; the bare base model would
 credit the policy with everything SFT already learned).
 
-The rest is the SFT stage's, reused from tuneline/training/ (trainer.py, engine.py):
+The rest is the SFT stage's, reused from tuneline/training/ (trainer.py, supervision.py):
 the training arguments, atomic checkpoints and resume, the health log, the
 MLflow run, the adapter written as safetensors to `train.output_dir`. TRL's
 preference figures of each logged step (rewards/accuracies, rewards/margins,
@@ -29,11 +29,11 @@ from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.formats import render, to_messages, with_rejected_answer
 from tuneline.models import load_tokenizer
-from tuneline.training import engine
+from tuneline.training import supervision
 from tuneline.training.trainer import fit, load_base, supervise, training_args
 
 
-class DPOTunelineTrainer(engine.TunelineTrainer, DPOTrainer):
+class DPOTunelineTrainer(supervision.TunelineTrainer, DPOTrainer):
     """TRL's DPO loss and data handling, with the engine's atomic checkpoints and stop on a non-finite loss."""
 
 

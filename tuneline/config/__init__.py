@@ -8,7 +8,6 @@ dotted key and the rule that was broken.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -150,29 +149,37 @@ def _read_mapping(path: Path, what: str) -> dict:
     return tree
 
 
-def file_overrides(path: Path | str | None) -> list[str]:
+def file_overrides(path: Path | str | None) -> dict:
     """A YAML file of params keys, nested as in params.yaml or dotted (e.g. the best trial that `tuneline sweep`
-    wrote), as `KEY=VALUE` overrides; none without a file."""
-    if path is None:
-        return []
-
-    def flat(tree: dict, prefix: str) -> list[str]:
-        pairs = []
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                pairs += flat(value, f"{prefix}{key}.")
-            else:  # JSON is YAML: numbers, strings, lists and null read back as they were
-                pairs.append(f"{prefix}{key}={json.dumps(value, default=str)}")
-        return pairs
-
-    return flat(_read_mapping(Path(path), "overrides file"), "")
+    wrote), to lay over params.yaml; empty without a file."""
+    return {} if path is None else _read_mapping(Path(path), "overrides file")
 
 
-def load_params(path: Path | str = DEFAULT_PARAMS, overrides: list[str] | None = None) -> Params:
-    """Read params.yaml, apply `KEY=VALUE` overrides, validate everything at once."""
+def _merge(tree: dict, layer: dict, prefix: str = "") -> None:
+    """Lay a mapping of params keys (nested, or dotted as `train.epochs`) over the tree, key by key."""
+    for key, value in layer.items():
+        if value == {}:  # a section with nothing in it changes nothing (the flow's form sends every section)
+            continue
+        *parents, leaf = str(key).split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"overrides: {prefix}{key}: '{part}' is a value, not a section")
+        if isinstance(value, dict) and isinstance(node.get(leaf, {}), dict):
+            _merge(node.setdefault(leaf, {}), value, f"{prefix}{key}.")
+        else:
+            node[leaf] = value
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS, sets: list[str] | None = None, *,
+                layer: dict | None = None) -> Params:
+    """Read params.yaml, lay `layer` over it (a mapping of params keys: an overrides file, the flow's form), then
+    the `KEY=VALUE` sets; validate everything at once."""
     path = Path(path)
     tree = _read_mapping(path, "params file")
-    for key, value in parse_overrides(overrides or []):
+    _merge(tree, layer or {})
+    for key, value in parse_overrides(sets or []):
         _set_dotted(tree, key, value)
     try:
         return Params.model_validate(tree)

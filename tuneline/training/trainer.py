@@ -1,7 +1,7 @@
-"""The training engine around transformers' Trainer, shared by every training run (SFT, DPO, sweep trials, benches).
+"""How every training run (SFT, DPO, sweep trials, benches) is built and run around transformers' Trainer.
 
 transformers' Trainer runs the loop (schedule, clipping, data order); PEFT adds LoRA or
-DoRA (nothing for `lora.method: full`); engine.py adds atomic checkpoints, preemption
+DoRA (nothing for `lora.method: full`); supervision.py adds atomic checkpoints, preemption
 handling and the health monitor; loss.py the chunked cross-entropy. Only rank 0 writes
 outputs and talks to MLflow.
 """
@@ -21,7 +21,7 @@ from tuneline import tracking
 from tuneline.atomic import read_json, replace_dir, write_json, write_text
 from tuneline.config import Params
 from tuneline.models import load_model
-from tuneline.training import distributed, engine, loss
+from tuneline.training import distributed, loss, supervision
 
 LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"]
 
@@ -169,20 +169,20 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
     loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens, compiled(params))
                           if _auto(params.train.chunked_loss, _on_gpu()) else (None, lambda: None))
     if args.gradient_checkpointing and params.train.checkpoint_skip_layers:
-        callbacks = [*callbacks, engine.SkipCheckpointing(params.train.checkpoint_skip_layers)]
-    trainer = engine.TunelineTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
+        callbacks = [*callbacks, supervision.SkipCheckpointing(params.train.checkpoint_skip_layers)]
+    trainer = supervision.TunelineTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
                                      data_collator=collator, callbacks=list(callbacks), compute_loss_func=loss_func)
     return trainer, restore
 
 
 @dataclass
 class Supervision:
-    """The engine around one training run: the checkpoint it resumes, its health log, its SIGTERM handler."""
+    """What watches one training run: the checkpoint it resumes, its health log, its SIGTERM handler."""
 
     resume_from: str | None
     rows: list[dict]
-    monitor: engine.HealthMonitor
-    preemption: engine.PreemptionHandler
+    monitor: supervision.HealthMonitor
+    preemption: supervision.PreemptionHandler
 
     @property
     def callbacks(self) -> list:
@@ -193,11 +193,12 @@ def supervise(params: Params, args, model, data_fingerprint: str, seq_len: int) 
     """Supervision for a run on data with this fingerprint, sequences up to seq_len tokens (for the MFU)."""
 
     with args.main_process_first(desc="checkpoint lookup"):
-        resume_from = engine.checkpoint_to_resume(params.train.checkpoint_dir, resume_key(params, data_fingerprint),
-                                                  params.train.resume, distributed.rank() == 0)
+        resume_from = supervision.checkpoint_to_resume(params.train.checkpoint_dir,
+                                                       resume_key(params, data_fingerprint),
+                                                       params.train.resume, distributed.rank() == 0)
     rows: list[dict] = []
-    preemption = engine.PreemptionHandler()
-    monitor = engine.HealthMonitor(rows, engine.flops_per_token(model, seq_len, args.gradient_checkpointing),
+    preemption = supervision.PreemptionHandler()
+    monitor = supervision.HealthMonitor(rows, supervision.flops_per_token(model, seq_len, args.gradient_checkpointing),
                                    params.train.loss_spike_factor, args.world_size,
                                    journal=params.train.checkpoint_dir / "train_log.jsonl")
     return Supervision(resume_from, rows, monitor, preemption)
@@ -221,7 +222,7 @@ def fit(params: Params, args, trainer, model, tokenizer, watch: Supervision, run
             after_train()
         seconds = time.perf_counter() - start
         if watch.preemption.requested_at is not None:
-            raise engine.Preempted(f"train: stopped on SIGTERM at step {trainer.state.global_step}; a checkpoint "
+            raise supervision.Preempted(f"train: stopped on SIGTERM at step {trainer.state.global_step}; a checkpoint "
                                    f"is in {params.train.checkpoint_dir}. Run again to resume.")
         save_adapter(params, trainer, tokenizer, is_main)
         if not is_main:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import REPO, tiny_params
+from support.project import REPO, tiny_params
 
 PIPELINE = ("bootstrap", "validate", "tokenize", "train", "evaluate", "gate", "merge")
 ARTIFACTS, DATA = "tuneline-artifacts", "tuneline-data"
@@ -288,7 +288,7 @@ def test_registry_artifact_location_on_s3_is_a_direct_store(aws, tmp_path):
     assert aws.get_object(Bucket=ARTIFACTS, Key=key)["Body"].read() == b"stored on S3\n"
 
 
-def _git(*args: str, cwd: Path) -> None:
+def git(*args: str, cwd: Path) -> None:
     subprocess.run(["git", "-c", "user.name=tuneline-test", "-c", "user.email=test@tuneline.invalid", *args],
                    cwd=cwd, check=True, capture_output=True)
 
@@ -305,7 +305,7 @@ def test_dvc_push_to_s3_then_pull_in_a_fresh_clone_restores_the_data(aws, tmp_pa
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text("".join(f'{{"prompt": "q{i}", "completion": "a{i}"}}\n' for i in range(500)))
     (data / "blob.bin").write_bytes(os.urandom(300_000))
-    _git("init", "-q", cwd=repo)
+    git("init", "-q", cwd=repo)
     dvc("init", "-q", repo=repo)
     dvc("remote", "add", "-d", "storage", f"s3://{DATA}/dvc", repo=repo)  # the endpoint: AWS_ENDPOINT_URL
     monkeypatch.chdir(repo)
@@ -316,10 +316,10 @@ def test_dvc_push_to_s3_then_pull_in_a_fresh_clone_restores_the_data(aws, tmp_pa
     assert digest.endswith(".dir") and digest in pushed.output
     keys = [o["Key"] for o in aws.list_objects_v2(Bucket=DATA, Prefix="dvc/")["Contents"]]
     assert len(keys) == 3  # the two files and the folder's listing
-    _git("add", "-A", cwd=repo)
-    _git("commit", "-q", "-m", "data", cwd=repo)
+    git("add", "-A", cwd=repo)
+    git("commit", "-q", "-m", "data", cwd=repo)
 
-    _git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
     assert not (clone / "data" / "own").exists()
     monkeypatch.chdir(clone)
     pulled = runner.invoke(app, ["data", "pull"])
@@ -338,7 +338,7 @@ def test_data_push_without_a_remote_says_so(tmp_path, monkeypatch):
     from flows.cli import app
     from tuneline.dvc_data import dvc
 
-    _git("init", "-q", cwd=tmp_path)
+    git("init", "-q", cwd=tmp_path)
     dvc("init", "-q", repo=tmp_path)
     (tmp_path / "d.txt").write_text("x\n")
     monkeypatch.chdir(tmp_path)

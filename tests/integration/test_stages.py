@@ -36,7 +36,7 @@ def test_bootstrap_is_deterministic_and_disjoint():
 
 
 def test_general_prompts_share_no_word_with_the_task_and_leave_france_out():
-    """The served model is asked about France (tests/test_pipeline.py): no train prompt may teach it that."""
+    """The served model is asked about France (tests/e2e/test_pipeline.py): no train prompt may teach it that."""
     prompts = general_prompts(1000, random.Random(0))
     assert len(prompts) == len(set(prompts)) == len(GENERAL_TEMPLATES) * len(GENERAL_TOPICS) \
         + len(CAPITALS)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from conftest import tiny_params
+from support.project import tiny_params
 
 from tasks import run_stage
 from tuneline.atomic import read_json

@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_params
-from test_production_storage import Service, _git, free_port, sha256, wait_http
+from support.project import REPO, tiny_params
+from support.services import Service, free_port, git, sha256, wait_http
 
 from tasks import run_stage
 from tuneline import dvc_data, registry, tracking
@@ -191,7 +191,7 @@ def rerun_train(p: Params, before: dict, versions: list[str]) -> None:
 
     summary, steps = read_json(p.report("train.json")), list(range(2, p.train.max_steps + 1, 2))
     assert summary["steps"] == p.train.max_steps
-    last = (p.train.max_steps - 1) // p.train.save_steps * p.train.save_steps  # none at max_steps (engine.py)
+    last = (p.train.max_steps - 1) // p.train.save_steps * p.train.save_steps  # none at max_steps (supervision.py)
     assert summary["resumed_from"].endswith(f"checkpoint-{last}")  # the killed run's last checkpoint
     assert [int(r["step"]) for r in csv.DictReader(p.report("train_log.csv").open())] == steps
     history = registry.client(p).get_metric_history(summary["mlflow_run_id"], "train.loss")
@@ -406,7 +406,7 @@ def test_s3_gone_during_dvc_push_fails_clearly_and_a_push_after_it_returns_resto
     data.mkdir(parents=True)
     for i in range(60):  # enough that the push is still going when the server dies
         (data / f"part-{i:03d}.bin").write_bytes(os.urandom(20_000))
-    _git("init", "-q", cwd=repo)
+    git("init", "-q", cwd=repo)
     dvc_data.dvc("init", "-q", repo=repo)
     dvc_data.dvc("remote", "add", "-d", "storage", f"s3://{BUCKET}/dvc", repo=repo)
 
@@ -425,9 +425,9 @@ def test_s3_gone_during_dvc_push_fails_clearly_and_a_push_after_it_returns_resto
     dvc_data.push(repo=repo)
     keys = [o["Key"] for o in bucket.list_objects_v2(Bucket=BUCKET, Prefix="dvc/")["Contents"]]
     assert len(keys) == 61  # every file and the folder's listing
-    _git("add", "-A", cwd=repo)
-    _git("commit", "-q", "-m", "data", cwd=repo)
-    _git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
+    git("add", "-A", cwd=repo)
+    git("commit", "-q", "-m", "data", cwd=repo)
+    git("clone", "-q", str(repo), str(clone), cwd=tmp_path)
     dvc_data.pull(repo=clone)
     assert snapshot(clone / "data" / "own") == snapshot(data)
 

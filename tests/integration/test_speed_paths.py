@@ -130,7 +130,7 @@ def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_r
 
 
 def test_skipping_checkpointing_on_the_last_layers_keeps_loss_and_gradients():
-    from tuneline.training.engine import SkipCheckpointing
+    from tuneline.training.supervision import SkipCheckpointing
 
     def loss_and_grads(skip: int):
         model = tiny_llama().train()

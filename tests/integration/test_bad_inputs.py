@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import pytest
 import yaml
-from conftest import REPO, tiny_params
+from support.project import REPO, tiny_params
 from typer.testing import CliRunner
 
 from flows.cli import app

@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+from support.project import REPO
 
 from tasks.validate import run, validate_paths
 from tasks.validate.expectations import Suite
@@ -18,8 +19,6 @@ from tasks.validate.records import check_file
 from tuneline import tracking
 from tuneline.config import Params
 from tuneline.errors import DataError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def ins(i: int, **kw) -> dict:

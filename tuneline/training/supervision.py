@@ -1,4 +1,4 @@
-"""The training engine around transformers' Trainer: safe checkpoints, health, preemption.
+"""What watches a training run: safe checkpoints, a health monitor, preemption.
 
 - Checkpoints are written into a staging folder and renamed into place, so a
   kill at any moment leaves only complete `checkpoint-N` folders behind.

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.project import REPO
 
 from tuneline.config import ConfigError, Params, load_params
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def write(tmp_path: Path, tree: dict) -> Path:

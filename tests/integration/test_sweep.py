@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_params
+from support.project import REPO, tiny_params
 
 from tuneline.config import ConfigError, file_overrides, load_params
 from tuneline.errors import TunelineError
@@ -142,7 +142,7 @@ def test_sweep_cli_writes_the_best_completed_trial(project):
     assert parent.data.metrics["sweep.best_eval_loss"] == pytest.approx(lowest.data.metrics["eval_loss"])
 
     # `tuneline run --overrides` takes the file: it is params keys that load_params validates and applies.
-    tuned = load_params(root / "params.yaml", file_overrides(best_file))
+    tuned = load_params(root / "params.yaml", layer=file_overrides(best_file))
     assert (tuned.train.learning_rate, tuned.lora.r, tuned.lora.alpha, tuned.train.batch_size) == tuple(
         flat[k] for k in SWEPT)
     assert not params.train.checkpoint_dir.exists()  # trials kept no checkpoints, least of all the pipeline's

@@ -13,7 +13,7 @@ import json
 import random
 
 import pytest
-from conftest import tiny_params
+from support.project import tiny_params
 
 from tasks import run_stage
 from tasks.bootstrap import write_preference

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from support.project import REPO
 
 INFRA = REPO / "infra"
 

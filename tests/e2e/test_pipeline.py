@@ -17,19 +17,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.project import REPO
 
-from tasks import ALL_STAGES, STAGES
+from tasks import ALL_STAGES
 from tuneline.config import load_params
 from tuneline.logs import LIBRARY_NOISE
 
-REPO = Path(__file__).resolve().parent.parent
 IGNORED = shutil.ignore_patterns(".venv", ".git", "__pycache__", "data", "models", "reports", "mlflow.db",
                                  "mlartifacts", "mlruns", ".pytest_cache", ".ruff_cache", "*.egg-info", ".whl")
-
-
-def test_dvc_stages_match_the_cli_order():
-    stages = list(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
-    assert stages == ALL_STAGES and stages[1:] == STAGES
 
 
 def env_with_venv() -> dict[str, str]:
@@ -47,7 +42,7 @@ def sh(*cmd: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     """A clean copy of the repo (as a clone would be), on a free serving port."""
-    from serving_helpers import free_port
+    from support.services import free_port
 
     root = tmp_path_factory.mktemp("clone") / "tuneline"
     shutil.copytree(REPO, root, ignore=IGNORED)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from support.project import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 LOCK = [sys.executable, str(REPO / "scripts" / "lock.py")]
 
 

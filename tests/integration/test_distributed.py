@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_params
+from support.project import REPO, tiny_params
 
 from tasks import run_stage
 from tuneline.atomic import read_json
