@@ -1,7 +1,7 @@
 """The OpenAI wire format of the Tuneline server: requests, error bodies, responses, stream chunks, stats.
 
 Pure data and formatting: no Ray, no torch. The router (serving/router.py) validates requests
-with these models, the model replicas (serving/engine.py) return plain dicts, and the
+with these models, the model replicas (serving/generation.py) return plain dicts, and the
 functions here turn those into OpenAI's JSON and server-sent events.
 """
 

@@ -1,7 +1,7 @@
 """The model replica deployment: `ModelServer`, one model behind Serve's batcher, and its streams.
 
 `ModelServer` loads one model (a folder or an MLflow URI such as `models:/NAME@champion`, fetched
-inside the replica) into a serving/engine.py `Engine`, batches concurrent requests with
+inside the replica) into a serving/generation.py `Engine`, batches concurrent requests with
 `@serve.batch` (streams bypass the batcher) and records batch sizes and token rates. Its options
 (replicas, autoscaling, GPUs) are set where it is bound: serving/builders.py.
 """
@@ -31,7 +31,7 @@ class ModelServer:
 
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
                  tracking_uri: str | None, max_batch_size: int, batch_wait_timeout_s: float):
-        from serving.engine import Engine  # torch and transformers load in the replica, not in the router
+        from serving.generation import Engine  # torch and transformers load in the replica, not in the router
 
         self.engine = Engine(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri,
                              threads=REPLICA_CPUS)

@@ -1,6 +1,6 @@
 """Where a served model's files come from: a local folder, or an MLflow URI downloaded into a node-wide cache.
 
-No Ray and no torch here: the model replicas (serving/engine.py) and the adapter replicas
+No Ray and no torch here: the model replicas (serving/generation.py) and the adapter replicas
 (serving/adapters.py) both call `resolve_model` to get a local Hugging Face folder.
 """
 

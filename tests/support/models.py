@@ -1,9 +1,8 @@
-"""Shared pieces for the serving tests: a tiny model on disk and a free port."""
+"""A tiny model on disk, merged as the merge stage writes one: what the serving tests serve."""
 
 from __future__ import annotations
 
 import random
-import socket
 from pathlib import Path
 
 from tasks.bootstrap.data import generate_records
@@ -24,9 +23,3 @@ def save_tiny_model(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -16,7 +16,8 @@ import openai
 import pytest
 import ray
 from ray import serve
-from serving_helpers import free_port, save_tiny_model
+from support.models import save_tiny_model
+from support.services import free_port
 
 from serving.adapters import adapter_app, register_adapter
 from serving.model_source import CACHE_ENV

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -24,12 +23,14 @@ import pytest
 import ray
 import yaml
 from ray import serve
-from serving_helpers import free_port, save_tiny_model
+from support.models import save_tiny_model
+from support.project import REPO
+from support.services import free_port
 
 from serving import control
 from serving.api import VERSION_HEADER
 from serving.builders import AppArgs, app_builder
-from serving.engine import Engine
+from serving.generation import Engine
 from serving.model_source import resolve_model
 from tasks import deploy
 from tuneline import tracking
@@ -49,7 +50,6 @@ KEY_ENV = "TUNELINE_TEST_SERVING_KEY"
 KEY = "test-secret"
 PROMPT = "Which word is a fruit? apple piano"
 FINISH_REASONS = {"stop", "length"}
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

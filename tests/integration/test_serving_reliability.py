@@ -25,11 +25,12 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
-from conftest import REPO, tiny_params
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray import serve
-from serving_helpers import free_port, save_tiny_model
+from support.models import save_tiny_model
+from support.project import REPO, tiny_params
+from support.services import free_port
 
 from serving.api import ChatRequest, CompletionRequest
 from serving.builders import build_app
