@@ -28,6 +28,13 @@ app.add_typer(data_app, name="data")
 prefect_app = typer.Typer(help="The embedded Prefect: a local server, a worker and the deployments of prefect.yaml.",
                           no_args_is_help=True)
 app.add_typer(prefect_app, name="prefect")
+
+
+@app.callback()
+def _quiet() -> None:
+    """Before any command: our own lines and progress bars only, no library chatter."""
+    quiet_libraries()
+
 RemoteOpt = Annotated[str | None, typer.Option("--remote", "-r", help="DVC remote name (default: the default remote)")]
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
@@ -78,7 +85,6 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None, overrides: Over
         prefect: Annotated[bool, typer.Option("--prefect/--no-prefect", help="run as the Prefect flow `finetune` "
                                               "(stage cache, retries, run report), or plainly")] = True) -> None:
     """Run every stage in order: bootstrap, validate, tokenize, train, evaluate, gate, merge, deploy."""
-    quiet_libraries()
     _exit(guarded(lambda: (run_flow if prefect else run_pipeline)(
         load_params(params, set_ or [], layer=file_overrides(overrides)))))
 
@@ -87,7 +93,6 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None, overrides: Over
 def stage(name: Annotated[str, typer.Argument(help="one of: " + ", ".join(ALL_STAGES))],
           params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     """Run one stage (its inputs must exist: earlier stages ran before)."""
-    quiet_libraries()
     _exit(guarded(lambda: run_stage(name, load_params(params, set_ or []))))
 
 
@@ -95,7 +100,6 @@ def stage(name: Annotated[str, typer.Argument(help="one of: " + ", ".join(ALL_ST
 def sweep(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     """Search learning rate, LoRA r/alpha and batch size with Optuna (params `sweep`): short trials scored by eval
     loss, each an MLflow child run; the best trial's values go to sweep.best_path, for `tuneline run --overrides`."""
-    quiet_libraries()
 
     def search() -> None:
         from flows import trials
@@ -126,7 +130,6 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
                                                         "the one train PATH for train/eval overlap")] = None) -> None:
     """Check any data files you name, wherever they are (nothing is written): the first problem is reported by
     file, line and field."""
-    quiet_libraries()
 
     def check() -> None:
         from tasks.validate import validate_paths

@@ -7,15 +7,20 @@ module of the project. A name that others need is part of its module's interface
 from __future__ import annotations
 
 import ast
-import importlib.util
+from pathlib import Path
 
 from importlinter.application import output
 from importlinter.domain.contract import Contract, ContractCheck
 
 
-def _source(module: str) -> str | None:
-    spec = importlib.util.find_spec(module)
-    return spec.origin if spec and spec.origin and spec.origin.endswith(".py") else None
+def _source(module: str) -> Path | None:
+    """The module's file, found from its name under the working folder (the repo): importing it to ask would
+    run the project's code and load its libraries."""
+    path = Path(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 class PrivateNamesContract(Contract):

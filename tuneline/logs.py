@@ -9,8 +9,8 @@ import warnings
 # Lines that libraries log and that say nothing about the run: the CPU build of torchao lacks its CUDA
 # kernels and Triton, torchao registers enums the deprecated way, DeepSpeed finds no GPU, bitsandbytes cannot
 # fetch (or, offline, check) an optional kernel from a hub, MLflow creates its SQLite tables and finds no model
-# card or licence for a local model, rouge-score names its tokenizer. Filters, not levels: DeepSpeed, torch and
-# MLflow set their loggers' levels as they load.
+# card or licence for a local model, rouge-score names its tokenizer, Ray announces its default token auth.
+# Filters, not levels: DeepSpeed, torch and MLflow set their loggers' levels as they load.
 LIBRARY_NOISE = {
     "mlflow.store.db.utils": ("database tables",),
     "mlflow.transformers": ("model card could not be retrieved", "Unable to find license information"),
@@ -21,6 +21,7 @@ LIBRARY_NOISE = {
     "bitsandbytes.backends.cpu.ops": ("kernels-community",),
     "kernels._internals.hf_hub": ("Skipping publisher trust check",),
     "absl": ("Using default tokenizer",),
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled",),
 }
 # Loggers whose INFO lines narrate a library's own steps (Ray Serve: "Started Serve", "Connecting to existing
 # Serve app"); their warnings and errors stay. Ray sets this logger's level itself when Serve starts.

@@ -29,7 +29,7 @@ from tuneline.scoring import preference_pairs, preference_scores
 # A base that knows some of the world (300 pre-training steps, seconds), so that pairs can teach it.
 PROJECT = {"bootstrap__pretrain_steps": 300, "bootstrap__preference_train_records": 256,
            "bootstrap__preference_eval_records": 128, "data__template": "chatml", "train__max_steps": 30,
-           "evaluate__metrics": ["perplexity"]}
+           "evaluate__metrics": ["perplexity"], "evaluate__num_samples": 128}  # every eval pair
 DPO = {"data__format": "preference", "train__method": "dpo", "train__max_steps": 150, "train__learning_rate": 5e-3,
        "train__dpo_beta": 0.5, "train__logging_steps": 10}
 

@@ -440,7 +440,7 @@ def test_deploy_killed_mid_promotion_keeps_the_champion_serving_and_a_rerun_prom
     _merged(params, dirs, "2")
     params_file = params.reports_dir / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json", by_alias=True)))
-    proc = subprocess.Popen([sys.executable, "-m", "tasks.deploy", "--params", str(params_file)],
+    proc = subprocess.Popen([sys.executable, "-m", "tasks", "deploy", "--params", str(params_file)],
                             env={**os.environ, KEY_ENV: KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while "test-deploy-v2" not in serve.status().applications:
