@@ -28,25 +28,36 @@ log = logging.getLogger("tuneline")
 
 # Lines that libraries log and that say nothing about the run: the CPU build of torchao lacks its CUDA
 # kernels and Triton, torchao registers enums the deprecated way, DeepSpeed finds no GPU, bitsandbytes cannot
-# fetch an optional kernel from a hub, MLflow creates its SQLite tables. Filters, not levels: DeepSpeed,
-# torch and MLflow set their loggers' levels as they load.
+# fetch (or, offline, check) an optional kernel from a hub, MLflow creates its SQLite tables and finds no model
+# card or licence for a local model, rouge-score names its tokenizer, Ray announces its default token auth.
+# Filters, not levels: DeepSpeed, torch and MLflow set their loggers' levels as they load.
 LIBRARY_NOISE = {
-    "mlflow.store.db.utils": "database tables",
-    "torchao": "Failed to load",
-    "torchao.kernel.intmm": "Detected no triton",
-    "torch.utils._pytree": "register_constant()",
-    "DeepSpeed": "Setting accelerator to CPU",
-    "bitsandbytes.backends.cpu.ops": "kernels-community",
+    "mlflow.store.db.utils": ("database tables",),
+    "mlflow.transformers": ("model card could not be retrieved", "Unable to find license information"),
+    "torchao": ("Failed to load",),
+    "torchao.kernel.intmm": ("Detected no triton",),
+    "torch.utils._pytree": ("register_constant()",),
+    "DeepSpeed": ("Setting accelerator to CPU",),
+    "bitsandbytes.backends.cpu.ops": ("kernels-community",),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check",),
+    "absl": ("Using default tokenizer",),
+    "ray._private.authentication.authentication_token_setup": ("Token authentication is enabled",),
 }
+# Loggers whose INFO lines narrate a library's own steps (Ray Serve: "Started Serve", "Connecting to existing
+# Serve app"); their warnings and errors stay. Ray sets this logger's level itself when Serve starts.
+INFO_NOISE = ("ray.serve",)
 
 
 class _Drop(logging.Filter):
-    def __init__(self, text: str):
+    def __init__(self, texts: tuple[str, ...] = (), below: int = logging.NOTSET):
         super().__init__()
-        self.text = text
+        self.texts, self.below = texts, below
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+        if record.levelno < self.below:
+            return False
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
 
 
 def quiet_libraries() -> None:
@@ -65,10 +76,12 @@ def quiet_libraries() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("mlflow", "alembic", "httpx", "urllib3", "filelock", "ray", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    for name, text in LIBRARY_NOISE.items():
+    filters = {**{name: _Drop(texts) for name, texts in LIBRARY_NOISE.items()},
+               **{name: _Drop(below=logging.WARNING) for name in INFO_NOISE}}
+    for name, drop in filters.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Drop) for f in logger.filters):
-            logger.addFilter(_Drop(text))
+            logger.addFilter(drop)
 
 
 def summarize(name: str, result: dict, seconds: float) -> str:

@@ -9,6 +9,7 @@ outside it as the pretrained model does.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from tasks.config import load_params
-from tasks.stage import ALL_STAGES, STAGES
+from tasks.stage import ALL_STAGES, LIBRARY_NOISE, STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 IGNORED = shutil.ignore_patterns(".venv", ".git", "__pycache__", "data", "models", "reports", "mlflow.db",
@@ -64,7 +65,13 @@ def test_dvc_repro_trains_gates_registers_and_serves(project):
     import mlflow
     import openai
 
-    sh("dvc", "repro", cwd=project, timeout=1500)
+    run = sh("dvc", "repro", cwd=project, timeout=1500)
+    output = run.stdout + run.stderr
+    for stage in ALL_STAGES:  # one summary line per stage, and none of the libraries' chatter
+        assert f"[{stage}] done in " in output, stage
+    noise = [text for texts in LIBRARY_NOISE.values() for text in texts]
+    assert [text for text in noise if text in output] == [], output[-3000:]
+    assert not re.search(r"^INFO .* serve \d+ -- ", output, re.M), output[-3000:]  # Ray Serve narrating
     params = load_params(project / "params.yaml")
     reports = project / "reports"
 
