@@ -4,8 +4,9 @@ dvc.yaml already declares, per stage, its code and data dependencies, the params
 reads and its outputs. The flow reuses that declaration instead of keeping a second
 one, so `dvc repro` and the Prefect flow agree on when a stage is up to date:
 
-- cache key = hash of (stage name, the stage module's source and the code files
-  dvc.yaml lists, the params it lists, the content of every data dependency);
+- cache key = hash of (stage name, the code files dvc.yaml lists for it: every module
+  it imports, scripts/stage_code.py keeps them in step; the params it lists; the content
+  of every data dependency);
 - a cached result counts only while the stage's outputs are still the ones that
   run wrote (size and mtime of every file, recorded in the persisted result).
 

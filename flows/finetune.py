@@ -58,7 +58,7 @@ def _stage_task(name: str):
         return _execute(name, params, run)
 
     stage_fn.__name__ = stage_fn.__qualname__ = name  # a task key of its own per stage
-    stage_fn.__doc__ = f"tasks/{name}.py: run({name!r} stage) through tasks.run_stage."
+    stage_fn.__doc__ = f"The {name} stage (tasks.{name}), through tasks.run_stage."
     return task(stage_fn, name=name, cache_key_fn=lambda ctx, p: p["cache_key"], persist_result=True,
                 result_serializer="json", retry_condition_fn=retry_if_transient, retry_jitter_factor=0.5)
 
