@@ -14,69 +14,18 @@ import glob
 import hashlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from support.project import REPO, tiny_params
+from support.services import Service, free_port, git, sha256, wait_http
 
 PIPELINE = ("bootstrap", "validate", "tokenize", "train", "evaluate", "gate", "merge")
 ARTIFACTS, DATA = "tuneline-artifacts", "tuneline-data"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{url}: the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{url}: not up after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-class Service:
-    """A server process in its own session: stopping it signals its whole group and no one else."""
-
-    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None):
-        self.name, self.log = name, log
-        self.proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-
-    def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(wait)
-                time.sleep(0.2)  # the group's children go down with their parent
-            except subprocess.TimeoutExpired:
-                continue
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return
 
 
 def pg_bin(name: str) -> str | None:
@@ -286,11 +235,6 @@ def test_registry_artifact_location_on_s3_is_a_direct_store(aws, tmp_path):
         mlflow.log_artifact(str(tmp_path / "note.txt"))
     key = f"direct/{run.info.run_id}/artifacts/note.txt"
     assert aws.get_object(Bucket=ARTIFACTS, Key=key)["Body"].read() == b"stored on S3\n"
-
-
-def git(*args: str, cwd: Path) -> None:
-    subprocess.run(["git", "-c", "user.name=tuneline-test", "-c", "user.email=test@tuneline.invalid", *args],
-                   cwd=cwd, check=True, capture_output=True)
 
 
 def test_dvc_push_to_s3_then_pull_in_a_fresh_clone_restores_the_data(aws, tmp_path, monkeypatch):
