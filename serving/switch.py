@@ -29,9 +29,6 @@ import time
 
 from serving import cluster
 from serving.api import VERSION_HEADER
-from serving.builders import absolute_tracking_uri, build_model_app, build_router_app
-from serving.model_server import DRAIN_TIMEOUT_S, MODEL_DEPLOYMENT
-from serving.router import ROUTER_DEPLOYMENT
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
@@ -108,6 +105,7 @@ def health_check(app: str, deadline: float) -> float:
     """One real generation through the candidate's handle, bypassing HTTP; returns its latency."""
     from ray import serve
 
+    from serving.model_server import MODEL_DEPLOYMENT
 
     spec = {"kind": "completion", "prompt": HEALTH_PROMPT, "max_tokens": 4, "temperature": 0.0, "top_p": 1.0,
             "stop": [], "seed": 0, "ignore_eos": False}
@@ -127,7 +125,6 @@ def health_check(app: str, deadline: float) -> float:
 def _verify_public(params: Params, version: str, deadline: float) -> None:
     """A generation through the public route, answered by `version` (the router's response header)."""
     import httpx
-
 
     url, last = f"{cluster.endpoint(params)}/completions", "no answer"
     body = {"prompt": HEALTH_PROMPT, "max_tokens": 2, "temperature": 0}
@@ -171,6 +168,7 @@ def _delete(name: str) -> None:
 
 
 def _router_app(params: Params, served_name: str, active_app: str, version: str):
+    from serving.builders import build_router_app
 
     return build_router_app(served_name, params.serving, active_app, version)
 
@@ -187,8 +185,12 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
 
     Returns {"app", "previous_version", "previous_app", "health_check_s", "switch_s"}; raises
     PromotionFailed when the candidate did not go live (what served before still does)."""
+    # Ray Serve's app modules load here, when versions switch: `tuneline serve status` needs none of them.
     from ray import serve
 
+    from serving.builders import absolute_tracking_uri, build_model_app
+    from serving.model_server import DRAIN_TIMEOUT_S
+    from serving.router import ROUTER_DEPLOYMENT
 
     cfg = params.serving
     _check_key(params)
