@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tasks import ALL_STAGES
 from tuneline import tracking
 from tuneline.atomic import read_json
 from tuneline.config import Params
 
 LOCAL_ONLY = {"bootstrap"}  # makes files from config alone: no MLflow run, nothing transient to retry
-TRAIN_AND_BEFORE = ("bootstrap", "validate", "tokenize", "train")
 
 
 @dataclass
@@ -25,7 +25,6 @@ class PipelineRun:
     flow_run_id: str | None
     flow_run_name: str | None
     mlflow_run_id: str | None = None
-    experiment_id: str | None = None
     mlflow_resumed: bool = False
 
 
@@ -62,7 +61,7 @@ def ensure_open(stage: str, params: Params, run: PipelineRun) -> None:
             "prefect.flow_run_name": str(run.flow_run_name or "")}
     if run.event_data_hash:
         tags["tuneline.event_data_hash"] = run.event_data_hash
-    after_train = stage not in TRAIN_AND_BEFORE
+    after_train = ALL_STAGES.index(stage) > ALL_STAGES.index("train")
     run_id = resumable_run(params, params_hash) if after_train else None
     if run_id:
         client = MlflowClient()
@@ -77,7 +76,6 @@ def ensure_open(stage: str, params: Params, run: PipelineRun) -> None:
             tags["tuneline.candidate_run_id"] = str(read_json(params.report("train.json")).get("mlflow_run_id"))
         run_id = tracking.open_pipeline_run(params, f"finetune-{params.registry.model_name}", tags)
     run.mlflow_run_id = run_id
-    run.experiment_id = tracking.setup(params)
 
 
 def close(params: Params, run: PipelineRun, ok: bool) -> None:
