@@ -100,16 +100,20 @@ class Params(Section):
         return getattr(self, key).model_dump(mode="json")
 
 
+def _section(tree: dict, parts: list[str], where: str) -> dict:
+    """The section of the tree at `parts`, made where missing; a value in its way is an error naming `where`."""
+    node = tree
+    for part in parts:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: '{part}' is a value, not a section")
+    return node
+
+
 def _set_dotted(tree: dict, dotted: str, raw: str) -> None:
     """Apply KEY=VALUE with VALUE parsed as YAML, so numbers, lists and null work."""
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
-        node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    *parents, leaf = dotted.split(".")
+    _section(tree, parents, f"--set {dotted}")[leaf] = yaml.safe_load(raw) if raw != "" else ""
 
 
 def parse_overrides(pairs: list[str]) -> list[tuple[str, str]]:
@@ -161,11 +165,7 @@ def _merge(tree: dict, layer: dict, prefix: str = "") -> None:
         if value == {}:  # a section with nothing in it changes nothing (the flow's form sends every section)
             continue
         *parents, leaf = str(key).split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"overrides: {prefix}{key}: '{part}' is a value, not a section")
+        node = _section(tree, parents, f"overrides: {prefix}{key}")
         if isinstance(value, dict) and isinstance(node.get(leaf, {}), dict):
             _merge(node.setdefault(leaf, {}), value, f"{prefix}{key}.")
         else:
