@@ -35,6 +35,7 @@ def _quiet() -> None:
     """Before any command: our own lines and progress bars only, no library chatter."""
     quiet_libraries()
 
+
 RemoteOpt = Annotated[str | None, typer.Option("--remote", "-r", help="DVC remote name (default: the default remote)")]
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="params file")]
@@ -48,6 +49,15 @@ OverridesOpt = Annotated[Path | None, typer.Option(
 def _exit(code: int) -> None:
     if code:
         raise typer.Exit(code)
+
+
+def _echo(tree: dict, prefix: str = "") -> None:
+    """A command's result as `key: value` lines; nested sections as dotted keys."""
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            _echo(value, f"{prefix}{key}.")
+        else:
+            typer.echo(f"{prefix}{key}: {value}")
 
 
 def run_flow(params: Params) -> None:
@@ -114,11 +124,7 @@ def estimate(params: ParamsOpt = DEFAULT_PARAMS, set_: SetOpt = None) -> None:
     """Expected GPU-hours and cost of training, from the token count and a known speed (see params `cost`)."""
     from tuneline import cost
 
-    def show() -> None:
-        for key, value in cost.estimate(load_params(params, set_ or [])).items():
-            typer.echo(f"{key}: {value}")
-
-    _exit(guarded(show))
+    _exit(guarded(lambda: _echo(cost.estimate(load_params(params, set_ or [])))))
 
 
 @app.command()
@@ -152,14 +158,7 @@ def serve_status(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Is the endpoint up, which model version serves, and its metrics (requests, latency, TTFT, tokens/s, batches)?"""
     from serving import control
 
-    def show(tree: dict, prefix: str = "") -> None:
-        for key, value in tree.items():
-            if isinstance(value, dict) and value:
-                show(value, f"{prefix}{key}.")
-            else:
-                typer.echo(f"{prefix}{key}: {value}")
-
-    _exit(guarded(lambda: show(control.status(load_params(params)))))
+    _exit(guarded(lambda: _echo(control.status(load_params(params)))))
 
 
 @app.command()
@@ -172,11 +171,7 @@ def promote(version: Annotated[str, typer.Argument(help="registered version numb
     serving. `tuneline serve rollback` undoes it."""
     from serving import control
 
-    def ship() -> None:
-        for key, value in control.promote(load_params(params), version).items():
-            typer.echo(f"{key}: {value}")
-
-    _exit(guarded(ship))
+    _exit(guarded(lambda: _echo(control.promote(load_params(params), version))))
 
 
 @serve_app.command("rollback")
@@ -184,11 +179,7 @@ def serve_rollback(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Serve the previous champion again, without downtime, and move the `champion` alias back to it."""
     from serving import control
 
-    def back() -> None:
-        for key, value in control.rollback(load_params(params)).items():
-            typer.echo(f"{key}: {value}")
-
-    _exit(guarded(back))
+    _exit(guarded(lambda: _echo(control.rollback(load_params(params)))))
 
 
 @serve_app.command("stop")
@@ -233,8 +224,7 @@ def prefect_up(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     from flows import local
 
     def start() -> None:
-        for key, value in local.up(load_params(params)).items():
-            typer.echo(f"{key}: {value}")
+        _echo(local.up(load_params(params)))
         typer.echo("stop with: tuneline prefect down")
 
     _exit(guarded(start))
@@ -270,11 +260,7 @@ def prefect_status(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Is the local Prefect server up, and its worker running?"""
     from flows import local
 
-    def show() -> None:
-        for key, value in local.status(load_params(params)).items():
-            typer.echo(f"{key}: {value}")
-
-    _exit(guarded(show))
+    _exit(guarded(lambda: _echo(local.status(load_params(params)))))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ def _compress(files: set[Path]) -> list[str]:
 
 
 def stage_code(stages: list[str]) -> dict[str, list[str]]:
-    sys.path.insert(0, str(REPO))
     graph = grimp.build_graph(*PACKAGES, cache_dir=None)
     runner = {"tasks", "tasks.__main__"}
     deps = {}
