@@ -247,12 +247,21 @@ def model_replicas() -> set[str]:
     return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)}
 
 
-def kill_a_replica() -> str:
-    """SIGKILL the process of one model replica, as the OOM killer or a lost node would; returns its name."""
-    name = sorted(model_replicas())[0]
-    pid = ray.get(ray.get_actor(name, namespace="serve").__ray_call__.remote(lambda _: os.getpid()))
+def kill_a_busy_replica() -> tuple[str, int]:
+    """SIGKILL the process of the model replica with the most requests on it, as the OOM killer or a lost node
+    would; returns its name and how many requests it held. A replica that held none would test nothing, so
+    this waits until one holds some (Serve's own queue-length probe says how many)."""
+    deadline = time.monotonic() + 30
+    while True:
+        actors = {name: ray.get_actor(name, namespace="serve") for name in model_replicas()}
+        ongoing = {name: ray.get(actor.get_num_ongoing_requests.remote()) for name, actor in actors.items()}
+        name = max(ongoing, key=ongoing.get)
+        if ongoing[name] > 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    pid = ray.get(actors[name].__ray_call__.remote(lambda _: os.getpid()))
     os.kill(pid, signal.SIGKILL)
-    return name
+    return name, ongoing[name]
 
 
 def wait_replaced(killed: str) -> dict:
@@ -291,14 +300,15 @@ async def kill_under_load(url: str) -> dict:
         clients = asyncio.gather(*(loop(c) for c in range(KILL_CLIENTS)))
         while len(outcomes) < 2 * KILL_CLIENTS:  # the load is on
             await asyncio.sleep(0.05)
-        killed = await asyncio.to_thread(kill_a_replica)
+        killed, on_killed = await asyncio.to_thread(kill_a_busy_replica)
         in_flight = started - len(outcomes)
         states = await asyncio.to_thread(wait_replaced, killed)
         during = len(outcomes)
         stop.set()
         await clients
         after = [wrong for _, wrong in await asyncio.gather(*(ask(i) for i in range(AFTER_RECOVERY)))]
-    return {"killed": killed, "in_flight_at_kill": in_flight, "answered_until_recovered": during, "states": states,
+    return {"killed": killed, "in_flight_at_kill": in_flight, "on_killed_replica": on_killed,
+            "answered_until_recovered": during, "states": states,
             "sent": len(outcomes) + len(after), "failed": [w for w in outcomes + after if w],
             "failed_after_recovery": [w for w in after if w]}
 
@@ -310,9 +320,9 @@ def test_a_killed_model_replica_is_replaced_and_no_request_fails(served):
     result = asyncio.run(kill_under_load(served))
     retried = router_retries() - retries_before
     print(f"\nreplica kill: {result['sent']} requests sent, {len(result['failed'])} failed; "
-          f"{result['in_flight_at_kill']} in flight at the kill, {retried} retried by the router; "
-          f"replicas after: {result['states']}")
-    assert result["in_flight_at_kill"] > 0  # the kill came under load
+          f"{result['in_flight_at_kill']} in flight at the kill, {result['on_killed_replica']} on the killed "
+          f"replica, {retried} retried by the router; replicas after: {result['states']}")
+    assert result["on_killed_replica"] > 0  # the kill came under load, on requests
     assert result["failed"] == [], result["failed"][:5]
     assert retried >= 1  # requests did die with the replica, and the retry saved them
     assert result["failed_after_recovery"] == []
