@@ -16,3 +16,13 @@ sync .venv/bin/python requirements.lock
 [ -x .venv/checkov/bin/python ] || .venv/bin/uv venv --quiet --python .venv/bin/python .venv/checkov
 sync .venv/checkov/bin/python requirements-checkov.lock
 .venv/bin/python scripts/lock.py --verify
+# The browser tests (tests/e2e/test_uis.py) drive Debian's chromium through Playwright; Playwright's own
+# browser download needs a network this project does not assume.
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "install: Debian's chromium for the browser tests (apt-get, about 20 s)"
+    apt-get install -y -qq chromium >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; }
+  else
+    echo "install: no /usr/bin/chromium; the browser tests need it (apt-get install chromium)" >&2
+  fi
+fi
