@@ -185,7 +185,8 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
         "chunked_loss": not args.no_chunked,
         "compile": default_for_qlora or not args.no_compile,
         "output_dir": str(work / "adapter"), "checkpoint_dir": str(work / "ckpt"),
-        "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens},
+        "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
+        "batch_tokens": getattr(args, "batch_tokens", 0)},
         "lora": {"method": method, "r": 16, "alpha": 32, "target_modules": TARGETS},
         "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
     targs = training_args(params, has_eval=False)
@@ -220,6 +221,8 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     out = result(name, data_kind, args, step_s, real, real, per_tok, peaks)
     if args.skip_ckpt_layers:
         out["skip_ckpt_layers"] = args.skip_ckpt_layers
+    if getattr(args, "batch_tokens", 0):
+        out["batch_tokens"] = args.batch_tokens
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if model_dir and losses:
         out["final_loss"] = round(sum(losses[-5:]) / len(losses[-5:]), 4)  # logged every 10 steps: the last 50

@@ -129,6 +129,43 @@ def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_r
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_token_budget_batches_train_through_the_stage_and_stay_under_budget(tiny_run, tmp_path, monkeypatch):
+    """train.batch_tokens: every step's packed batch holds at most the budget (or one longer example), the
+    whole data is seen, and the stage trains to the same kind of result. Without packing it is refused."""
+    from tasks import run_stage
+    from tasks.train import sft
+    from tuneline.errors import TunelineError
+
+    params, _ = tiny_run
+    budget = 256
+    fast = params.model_copy(update={
+        "reports_dir": tmp_path / "reports",
+        "train": params.train.model_copy(update={"packing": True, "batch_tokens": budget,
+                                                 "output_dir": tmp_path / "adapter",
+                                                 "checkpoint_dir": tmp_path / "ckpt"})})
+    seen: list[int] = []
+    real_build = sft.build_trainer
+
+    def watched(*args, **kwargs):
+        trainer, restore = real_build(*args, **kwargs)
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        for batch in trainer.get_train_dataloader():
+            assert batch["input_ids"].shape[0] == 1  # padding-free: one row
+            seen.append(batch["input_ids"].shape[1])
+            assert seen[-1] <= max(budget, max(lengths))
+        assert sum(seen) == sum(lengths)  # one epoch: every example once
+        return trainer, restore
+
+    monkeypatch.setattr(sft, "build_trainer", watched)
+    summary = run_stage("train", fast)
+    assert len(seen) > 1 and summary["steps"] == params.train.max_steps
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+    plain = fast.model_copy(update={"train": fast.train.model_copy(update={"packing": False})})
+    with pytest.raises(TunelineError, match="batch_tokens needs packed rows"):
+        run_stage("train", plain)
+
+
 def test_skipping_checkpointing_on_the_last_layers_keeps_loss_and_gradients():
     from tuneline.training.supervision import SkipCheckpointing
 

@@ -117,6 +117,8 @@ class Train(Section):
     epochs: float = Field(8, gt=0)
     max_steps: int = Field(120, ge=-1, description="-1 means: run the epochs")
     batch_size: int = Field(8, gt=0)
+    batch_tokens: int = Field(0, ge=0, description="with packing: a step holds up to this many tokens instead of "
+                              "batch_size examples (0: off)")
     grad_accum: int = Field(1, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)

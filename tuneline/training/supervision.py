@@ -44,7 +44,23 @@ class Preempted(TunelineError):
 
 
 class TunelineTrainer(Trainer):
-    """Trainer with atomic checkpoints and a stop on non-finite loss."""
+    """Trainer with atomic checkpoints, a stop on non-finite loss and, with `batch_tokens`, token-budget batches."""
+
+    def __init__(self, *args, batch_tokens: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batch_tokens = batch_tokens
+
+    def get_train_dataloader(self):
+        if not self.batch_tokens:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        from tuneline.training.batching import TokenBudgetBatches, example_lengths
+
+        batches = TokenBudgetBatches(example_lengths(self.train_dataset), self.batch_tokens, self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)

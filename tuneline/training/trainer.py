@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from tuneline import tracking
 from tuneline.atomic import read_json, replace_dir, write_json, write_text
 from tuneline.config import Params
+from tuneline.errors import TunelineError
 from tuneline.models import load_model
 from tuneline.training import distributed, loss, supervision
 
@@ -159,6 +160,9 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
 
     if args.gradient_checkpointing and params.lora.method != "full":
         model.enable_input_require_grads()
+    if params.train.batch_tokens and not packed(params):
+        raise TunelineError("train.batch_tokens needs packed rows; set train.packing: true (packing is off by "
+                            "default unless the model is compiled, as on a GPU)")
     if packed(params):
         # Padding-free: a batch is one row, position ids restart per example, and transformers builds
         # the block-diagonal causal mask from them (needs no KV cache in the forward).
@@ -171,7 +175,8 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
     if args.gradient_checkpointing and params.train.checkpoint_skip_layers:
         callbacks = [*callbacks, supervision.SkipCheckpointing(params.train.checkpoint_skip_layers)]
     trainer = supervision.TunelineTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
-                                     data_collator=collator, callbacks=list(callbacks), compute_loss_func=loss_func)
+                                          data_collator=collator, callbacks=list(callbacks),
+                                          compute_loss_func=loss_func, batch_tokens=params.train.batch_tokens)
     return trainer, restore
 
 

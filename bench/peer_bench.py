@@ -1,0 +1,147 @@
+"""Training speed against the peer a skilled user would pick: TRL's SFTTrainer with Liger kernels.
+
+One process, one GPU, the same random-init Llama shape, the same rows (bench/train_bench.py
+`make_data`), the same LoRA (r 16, alpha 32, all seven projections), batch and bf16. Tuneline's
+side is bench/train_bench.py's `tuneline` run (the train stage's engine with its GPU defaults:
+packed rows, chunked loss, torch.compile). The peer runs `SFTTrainer(use_liger_kernel=True)` in
+each reasonable configuration: eager or compiled, padding-free or padded; packed rows use the
+attention kernel Tuneline uses (flex attention), padded ones SDPA. The best peer run is the one
+to beat.
+
+    python bench/peer_bench.py --shape llama-1b --data variable --bs 8 --warmup 6 --steps 30
+    python bench/peer_bench.py --shape llama-8b --data fixed --bs 4 --ckpt --skip-ckpt-layers 5
+    python bench/peer_bench.py ... --batch-tokens 16384   # Tuneline with train.batch_tokens
+
+Prints one JSON line per run and a ratio line per workload; `--out` appends them (JSON Lines,
+bench/results/peer_h200.jsonl): per run {"engine", "shape", "data", "nonpad_tokens_per_s",
+"train_peak_mem_gib", "mfu", ...}; per workload {"ratio": "tuneline/best-peer", "shape", "data",
+"speed", "memory", "best_peer"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_bench as tb  # noqa: E402 - the shapes, rows, FLOP count and Tuneline's run are shared
+
+
+def peer(args, rows: list[dict], data_kind: str, compiled: bool, padding_free: bool) -> dict:
+    """TRL's SFTTrainer with Liger's kernels on the same rows: completion-only loss from the rows' labels."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from tasks.bootstrap.tiny import build_tokenizer
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = tb.model_for(args.shape, args.seq, "flex_attention" if padding_free else "sdpa")
+    per_tok = tb.flops_per_token(model, args.seq, args.ckpt)
+    data = Dataset.from_list([{"input_ids": r["input_ids"],
+                               "completion_mask": [int(label != -100) for label in r["labels"]]} for r in rows])
+    tokenizer = build_tokenizer(["bench"], 300)
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="peer-bench-"), per_device_train_batch_size=args.peer_bs,
+        max_steps=args.warmup + args.steps, learning_rate=1e-4, lr_scheduler_type="constant", bf16=True,
+        logging_steps=10**6, save_strategy="no", report_to="none", disable_tqdm=True,
+        use_liger_kernel=True, padding_free=padding_free, torch_compile=compiled, max_length=None,
+        completion_only_loss=True, gradient_checkpointing=args.ckpt,  # rows are already at most --seq long
+        gradient_checkpointing_kwargs={"use_reentrant": False}, include_num_input_tokens_seen="non_padding",
+        dataloader_drop_last=True, dataset_num_proc=1)
+    marks: dict[int, tuple[float, int]] = {}
+    peaks: dict = {}
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            tb.built(peaks)  # the model is on the GPU with its adapter: training's peak counts from here
+
+        def on_step_end(self, a, state, control, **kw):
+            if state.global_step in (args.warmup, args.warmup + args.steps):
+                torch.cuda.synchronize()
+                marks[state.global_step] = (time.perf_counter(), state.num_input_tokens_seen)
+
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                                target_modules=tb.TARGETS), callbacks=[Clock()])
+    trainer.train()
+    (t0, n0), (t1, n1) = marks[args.warmup], marks[args.warmup + args.steps]
+    step_s = (t1 - t0) / args.steps
+    real = (n1 - n0) / args.steps
+    name = f"trl-liger-{'compiled' if compiled else 'eager'}-{'padding-free' if padding_free else 'padded'}"
+    out = tb.result(name, data_kind, args, step_s, real, real, per_tok, peaks) | {"bs": args.peer_bs}
+    del trainer, model
+    return out
+
+
+PEER_RUNS = {  # name -> (compiled, padding_free)
+    "trl-liger-eager-padding-free": (False, True),
+    "trl-liger-compiled-padding-free": (True, True),
+    "trl-liger-eager-padded": (False, False),
+    "trl-liger-compiled-padded": (True, False),
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-1b", choices=sorted(tb.SHAPES))
+    ap.add_argument("--data", default="variable", choices=["fixed", "variable"])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--bs", type=int, default=8)
+    ap.add_argument("--ckpt", action="store_true", help="gradient checkpointing (both sides)")
+    ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--peers", default=",".join(PEER_RUNS),
+                    help="peer configurations to run (fixed-length rows need no padding-free variant)")
+    ap.add_argument("--skip-ckpt-layers", type=int, default=0, help="train.checkpoint_skip_layers for Tuneline")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=4096, help="train.loss_chunk_tokens for Tuneline")
+    ap.add_argument("--batch-tokens", type=int, default=0,
+                    help="train.batch_tokens for Tuneline (0: off); the peer then gets as many examples a step as "
+                         "fill the same number of tokens on average")
+    ap.add_argument("--out", default=None, help="append results as JSON lines here")
+    args = ap.parse_args()
+    args.no_packing = args.no_chunked = args.no_compile = False  # train_bench's Tuneline run: its GPU defaults
+    print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
+
+    def emit(line: dict) -> None:
+        print(json.dumps(line), flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    vocab = tb.SHAPES[args.shape]["vocab_size"]
+    mean_length = sum(len(r["input_ids"]) for r in tb.make_data(args.data, 1000, args.seq, vocab)) / 1000
+    args.peer_bs = max(1, round(args.batch_tokens / mean_length)) if args.batch_tokens else args.bs
+    rows = tb.make_data(args.data, (args.warmup + args.steps + 2) * max(args.bs, args.peer_bs), args.seq, vocab)
+    results = {}
+    for run in ["tuneline", *args.peers.split(",")]:
+        try:
+            if run == "tuneline":
+                r = tb.tuneline(args, rows, args.data)
+            else:
+                r = peer(args, rows, args.data, *PEER_RUNS[run])
+        except Exception as e:  # one configuration failing (OOM, a kernel that won't compile) must not hide the rest
+            r = {"engine": run, "shape": args.shape, "data": args.data, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+            torch.cuda.empty_cache()
+        results[run] = r
+        emit(r)
+    ours = results["tuneline"]
+    peers = [r for name, r in results.items() if name != "tuneline" and "nonpad_tokens_per_s" in r]
+    if "nonpad_tokens_per_s" in ours and peers:
+        best = max(peers, key=lambda r: r["nonpad_tokens_per_s"])
+        emit({"ratio": "tuneline/best-peer", "shape": args.shape, "data": args.data, "best_peer": best["engine"],
+              "batch_tokens": args.batch_tokens, "peer_bs": args.peer_bs,
+              "speed": round(ours["nonpad_tokens_per_s"] / best["nonpad_tokens_per_s"], 3),
+              "memory": round(ours["train_peak_mem_gib"] / best["train_peak_mem_gib"], 3)})
+
+
+if __name__ == "__main__":
+    main()
