@@ -148,9 +148,9 @@ def _rename(params: Params, data_hash: str | None, run: PipelineRun) -> None:
 
 def _pipeline(params: Params, run: PipelineRun, refresh: list[str] | None) -> State:
     """Every stage in order, unchanged ones from the cache; the run report is the flow run's first artifact."""
-    report_id = _create_report(params, run)
     remote = any("://" in str(x) for x in (params.data.train_path, params.data.eval_path))
     _rename(params, None if remote else cache.data_hash(params), run)
+    report_id = _create_report(params, run)
     forced = set(refresh or [])
     rows: list[dict[str, Any]] = []
     ok = False
@@ -224,7 +224,7 @@ def _show_used(params: Params) -> None:
         print(f"could not record the parameters used: {e}")
 
 
-def _start(params: Params, trigger: str, data_hash: str | None) -> PipelineRun:
+def _start(trigger: str, data_hash: str | None) -> PipelineRun:
     from prefect.runtime import flow_run
 
     return PipelineRun(trigger=trigger, event_data_hash=data_hash, flow_run_id=flow_run.id,
@@ -274,7 +274,7 @@ def finetune(
     knobs = {name: value for name, value in locals().items() if name in FINETUNE_KNOBS}
     params = resolve_params(DEFAULT_PARAMS, overrides, sets, knob_layer(knobs))
     _show_used(params)
-    return _pipeline(params, _start(params, "manual", None), refresh)  # type: ignore[return-value]
+    return _pipeline(params, _start("manual", None), refresh)  # type: ignore[return-value]
 
 
 @flow(name="finetune", flow_run_name="finetune-{trigger}", log_prints=True, validate_parameters=True,
@@ -297,4 +297,4 @@ def finetune_from_params(
         refresh: stages to run even when their cached result is valid.
     """
     params = params or resolve_params(params_path)
-    return _pipeline(params, _start(params, trigger, data_hash), refresh)  # type: ignore[return-value]
+    return _pipeline(params, _start(trigger, data_hash), refresh)  # type: ignore[return-value]

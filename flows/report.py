@@ -50,7 +50,8 @@ def summary(params: Params, rows: list[dict[str, Any]], run: PipelineRun, ok: bo
     version = None if merge.get("skipped") else merge.get("version")
     return {
         "flow_run_name": run.flow_run_name,
-        "outcome": "completed" if ok else (f"failed at {failed['stage']}" if failed else "failed"),
+        "outcome": (("rejected" if gate.get("decision") == "reject" else "completed") if ok
+                    else (f"failed at {failed['stage']}" if failed else "failed")),
         "stages": {r["stage"]: r["state"] for r in rows},
         "ran": [r["stage"] for r in rows if r["state"] in ("Completed", "Skipped")],
         "cached": [r["stage"] for r in rows if r["state"] == "Cached"],

@@ -86,12 +86,17 @@ def test_a_rejected_run_says_so_and_its_report_comes_first(prefect_ui):
     run_id = state.state_details.flow_run_id
     with browser_page() as page:
         page.goto(f"{ui}/runs/flow-run/{run_id}")
-        page.get_by_text("Rejected", exact=True).first.wait_for()
+        page.get_by_text("Rejected", exact=True).first.wait_for()  # the state badge
         screenshot(page, shots, "rejected-run")
-        page.goto(f"{ui}/runs/flow-run/{run_id}?tab=Task+Runs")
+
+        page.locator("li.p-tab", has_text="Task Runs").click()
         page.get_by_text("Skipped", exact=True).first.wait_for()
         screenshot(page, shots, "rejected-run-task-runs")
         assert page.get_by_text("Skipped", exact=True).count() == 2  # merge and deploy
-        page.goto(f"{ui}/runs/flow-run/{run_id}?tab=Artifacts")
-        page.get_by_text("finetune-tuneline-default").first.wait_for()
-        screenshot(page, shots, "rejected-run-artifacts")
+
+        page.locator("li.p-tab", has_text="Artifacts").click()
+        page.get_by_text("finetune-tuneline-default").first.click()
+        page.get_by_text("Gate: reject").first.wait_for()  # the report, rendered
+        assert page.get_by_text(re.compile(r": rejected$")).count() >= 1  # its title says the outcome
+        screenshot(page, shots, "rejected-run-report")
+        assert page.get_by_text("gate.min_rouge_l").count() >= 1  # the gate's reason
