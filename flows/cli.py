@@ -62,12 +62,12 @@ def _echo(tree: dict, prefix: str = "") -> None:
 
 def run_flow(params: Params) -> None:
     """All stages as the Prefect flow `finetune` in this process: unchanged stages come from its cache."""
-    from flows.finetune import finetune
+    from flows.finetune import finetune_from_params
     from flows.local import prefect_api
 
     start = time.perf_counter()
     with prefect_api() as api:  # PREFECT_API_URL, else this project's `tuneline prefect up` server, else ephemeral
-        s = finetune(params=params)
+        s = finetune_from_params(params=params)
     typer.echo(f"pipeline done in {time.perf_counter() - start:.0f}s (Prefect: {api}); "
                f"ran: {', '.join(s['ran']) or 'none'}; cached: {', '.join(s['cached']) or 'none'}; "
                f"MLflow run {s['mlflow_run_id'] or 'none (every stage cached)'}; gate: {s['decision']}; "
@@ -247,10 +247,12 @@ def prefect_deploy(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     def deploy() -> None:
         from prefect.settings import PREFECT_API_URL
 
+        from flows.deployments import DEPLOYMENTS
+
         cfg = load_params(params)
         url = PREFECT_API_URL.value() or local.local_api_url() or local.server_url(cfg)
         local.deploy(cfg, url, Path.cwd())
-        typer.echo(f"registered {', '.join(local.DEPLOYMENTS)} on {url}")
+        typer.echo(f"registered {', '.join(DEPLOYMENTS)} on {url}")
 
     _exit(guarded(deploy))
 

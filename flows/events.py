@@ -1,4 +1,4 @@
-"""Prefect events of Tuneline: `tuneline.data.updated` starts `finetune/on-demand` (prefect.yaml)."""
+"""Prefect events of Tuneline: `tuneline.data.updated` starts `finetune/finetune-on-new-data` (prefect.yaml)."""
 
 from __future__ import annotations
 

@@ -3,16 +3,23 @@
 Nothing here does the work: each task calls `tasks.run_stage(name, params)`, as `dvc repro`
 and `tuneline stage` do. What the flow adds:
 
-- parameters (flows/parameters.py): every key of params.yaml, typed and optional, and `sets`;
+- two entry points, both the flow `finetune`: `finetune`, the run form of the deployment
+  `finetune/finetune-on-demand` (flows/parameters.py: the knobs people tune with params.yaml's
+  values as defaults, then `sets` and `overrides`), and `finetune_from_params`, what starts a run
+  without a form (the schedule, the data event, `tuneline run`): what started it and the params
+  file, or params already parsed. So the form shows no internal field;
 - a stage cache (flows/cache.py): a stage whose code, params and input data are unchanged,
   and whose outputs are still the ones it wrote, is not run again (state `Cached`). A re-run
   after a crash therefore continues at the stage that failed. Results persist under
   `orchestration.results_dir` in the project;
 - retries with exponential backoff, for transient errors only (flows/retries.py);
 - one MLflow run per pipeline run (flows/mlflow_run.py), carried to the stages in their Params;
-- a markdown artifact per flow run (flows/report.py): stage states, the eval table, the gate
-  decision, links to the MLflow run and the model version. Flow-run names carry model, data
-  hash and date.
+- a markdown artifact per flow run (flows/report.py), its first: created as the run starts and
+  filled in as it ends: stage states, the eval table, the gate decision, links to the MLflow run
+  and the model version. Flow-run names carry model, data hash and date;
+- outcomes Prefect shows: a run whose candidate the gate rejected ends in a Completed state
+  named "Rejected" (its message says why), and merge and deploy, which then do nothing, in
+  Completed states named "Skipped".
 """
 
 from __future__ import annotations
@@ -24,13 +31,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow, task
+from prefect.states import Completed, State
 from prefect.tasks import exponential_backoff
 
 from flows import cache, mlflow_run, report
 from flows.mlflow_run import LOCAL_ONLY, PipelineRun
-from flows.parameters import NO_OVERRIDES, ParamsOverrides, resolve_params
+from flows.parameters import (
+    FINETUNE_KNOBS,
+    FORM,
+    KNOBS,
+    NO_OVERRIDES,
+    DataFormat,
+    LoraMethod,
+    Overrides,
+    current,
+    knob_layer,
+    resolve_params,
+)
 from flows.retries import retry_if_transient
 from tasks import ALL_STAGES, run_stage
+from tuneline.atomic import read_json
 from tuneline.config import DEFAULT_PARAMS, Params
 from tuneline.logs import quiet_libraries
 
@@ -54,8 +74,12 @@ def _execute(name: str, params: Params, run: PipelineRun) -> dict[str, Any]:
 
 
 def _stage_task(name: str):
-    def stage_fn(params: Params, cache_key: str, run: PipelineRun) -> dict[str, Any]:
-        return _execute(name, params, run)
+    def stage_fn(params: Params, cache_key: str, run: PipelineRun) -> dict[str, Any] | State:
+        out = _execute(name, params, run)
+        if out["result"].get("skipped") is True:  # merge and deploy after a reject: they did nothing, and say why
+            reason = read_json(params.report(f"{name}.json")).get("reason", "")
+            return Completed(name="Skipped", message=reason, data=out)
+        return out
 
     stage_fn.__name__ = stage_fn.__qualname__ = name  # a task key of its own per stage
     stage_fn.__doc__ = f"The {name} stage (tasks.{name}), through tasks.run_stage."
@@ -122,40 +146,11 @@ def _rename(params: Params, data_hash: str | None, run: PipelineRun) -> None:
 # ---------------------------------------------------------------- the flow
 
 
-@flow(name="finetune", flow_run_name="finetune-{trigger}", log_prints=True, validate_parameters=True,
-      description="Fine-tune, evaluate, gate, merge, register and deploy: the stages of tasks/, "
-                  "each cached on its code, params and input data.")
-def finetune(
-    overrides: ParamsOverrides = NO_OVERRIDES,  # type: ignore[valid-type]
-    sets: list[str] | None = None,
-    params_path: str = str(DEFAULT_PARAMS),
-    refresh: list[StageName] | None = None,  # type: ignore[valid-type]
-    trigger: str = "manual",
-    data_hash: str | None = None,
-    params: Params | None = None,
-) -> dict[str, Any]:
-    """Run every stage in order; unchanged stages come from the cache.
-
-    Args:
-        overrides: any key of params.yaml; keys left empty keep their params.yaml value.
-        sets: dotted KEY=VALUE overrides, applied after `overrides` (e.g. `train.epochs=2`,
-            `data.eval_path=null`), exactly as `tuneline run --set`.
-        params_path: the params file, relative to the project folder the flow runs in.
-        refresh: stages to run even when their cached result is valid (e.g. `deploy` after
-            the serving cluster was stopped).
-        trigger: what started the run (`manual`, `schedule`, or the event's name).
-        data_hash: the data hash an event announced (`tuneline data push`), for the record.
-        params: params already resolved (what `tuneline run` passes, having parsed its options once);
-            None: params_path, then `overrides`, then `sets`.
-    """
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.runtime import flow_run
-
-    params = params or resolve_params(params_path, overrides, sets)
-    run = PipelineRun(trigger=trigger, event_data_hash=data_hash, flow_run_id=flow_run.id,
-                      flow_run_name=flow_run.name)
+def _pipeline(params: Params, run: PipelineRun, refresh: list[str] | None) -> State:
+    """Every stage in order, unchanged ones from the cache; the run report is the flow run's first artifact."""
     remote = any("://" in str(x) for x in (params.data.train_path, params.data.eval_path))
     _rename(params, None if remote else cache.data_hash(params), run)
+    report_id = _create_report(params, run)
     forced = set(refresh or [])
     rows: list[dict[str, Any]] = []
     ok = False
@@ -180,9 +175,126 @@ def finetune(
     finally:
         mlflow_run.close(params, run, ok)
         summary = report.summary(params, rows, run, ok)
-        try:
-            create_markdown_artifact(markdown=report.markdown(params, summary), key=report.artifact_key(params),
-                                     description=f"finetune {summary['flow_run_name']}: {summary['outcome']}")
-        except Exception as e:  # the report must never hide the run's own outcome
-            print(f"could not create the run report artifact: {e}")
-    return summary
+        _fill_report(report_id, params, summary)
+    if summary["decision"] == "reject":
+        why = "; ".join(map(str, summary["reasons"])) or "the gate rejected the candidate"
+        return Completed(name="Rejected", message=f"gate rejected the candidate: {why}", data=summary)
+    return Completed(message=f"gate: {summary['decision']}", data=summary)
+
+
+def _create_report(params: Params, run: PipelineRun):
+    """The run report's placeholder, so that it is the flow run's first artifact; None if Prefect refused."""
+    from prefect.artifacts import create_markdown_artifact
+
+    try:
+        return create_markdown_artifact(markdown=f"# finetune `{run.flow_run_name}`: running\n",
+                                        key=report.artifact_key(params), description="finetune: running")
+    except Exception as e:  # the report must never stop the run
+        print(f"could not create the run report artifact: {e}")
+        return None
+
+
+def _fill_report(report_id, params: Params, summary: dict[str, Any]) -> None:
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactUpdate
+
+    markdown = report.markdown(params, summary)
+    description = f"finetune {summary['flow_run_name']}: {summary['outcome']}"
+    try:
+        if report_id is None:
+            create_markdown_artifact(markdown=markdown, key=report.artifact_key(params), description=description)
+            return
+        with get_client(sync_client=True) as client:
+            client.update_artifact(report_id, ArtifactUpdate(data=markdown, description=description))
+    except Exception as e:  # the report must never hide the run's own outcome
+        print(f"could not write the run report artifact: {e}")
+
+
+def _show_used(params: Params) -> None:
+    """The run's Parameters tab: the knobs as this run resolved them (overrides and sets included)."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    used = {name: current(KNOBS[name][0], params) for name in FINETUNE_KNOBS}
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, parameters={**flow_run.parameters, **used})
+    except Exception as e:  # cosmetic: never stop the run for it
+        print(f"could not record the parameters used: {e}")
+
+
+def _start(trigger: str, data_hash: str | None) -> PipelineRun:
+    from prefect.runtime import flow_run
+
+    return PipelineRun(trigger=trigger, event_data_hash=data_hash, flow_run_id=flow_run.id,
+                       flow_run_name=flow_run.name)
+
+
+_DESCRIPTION = ("Fine-tune, evaluate, gate, merge, register and deploy: the stages of tasks/, each cached on its "
+                "code, params and input data.")
+
+
+# The form's fields, in order: the knobs (defaults and descriptions from flows/parameters.py FORM), then the rest.
+@flow(name="finetune", flow_run_name="finetune-manual", log_prints=True, validate_parameters=True,
+      description=_DESCRIPTION)
+def finetune(
+    train_path: str = FORM["train_path"],
+    eval_path: str = FORM["eval_path"],
+    data_format: DataFormat = FORM["data_format"],  # type: ignore[valid-type]
+    base_model: str = FORM["base_model"],
+    lora_method: LoraMethod = FORM["lora_method"],  # type: ignore[valid-type]
+    lora_r: int = FORM["lora_r"],
+    lora_alpha: int = FORM["lora_alpha"],
+    learning_rate: float = FORM["learning_rate"],
+    epochs: float = FORM["epochs"],
+    max_steps: int = FORM["max_steps"],
+    batch_size: int = FORM["batch_size"],
+    seed: int = FORM["seed"],
+    min_exact_match: float = FORM["min_exact_match"],
+    min_rouge_l: float = FORM["min_rouge_l"],
+    max_perplexity: float = FORM["max_perplexity"],
+    must_beat_base: bool = FORM["must_beat_base"],
+    refresh: list[StageName] = [],  # type: ignore[valid-type]  # noqa: B006 (Prefect passes a new list)
+    sets: list[str] = [],  # noqa: B006
+    overrides: Overrides = NO_OVERRIDES,  # type: ignore[valid-type]
+) -> dict[str, Any]:
+    """The run form: the knobs people tune, defaults from params.yaml; any other key through `sets` or `overrides`.
+
+    A knob applies only when it differs from params.yaml's value as the run starts (flows/parameters.py).
+
+    Args:
+        refresh: stages to run even when their cached result is valid (e.g. deploy, after the serving cluster
+            was stopped).
+        sets: any other params key as dotted KEY=VALUE, applied last, as `tuneline run --set`
+            (e.g. `train.warmup_ratio=0.1`, `data.eval_path=null`).
+        overrides: any keys of params.yaml, nested as there (e.g. `{"train": {"warmup_ratio": 0.1}}`), checked
+            against its types as the run starts. Applied after the knobs, before `sets`.
+    """
+    knobs = {name: value for name, value in locals().items() if name in FINETUNE_KNOBS}
+    params = resolve_params(DEFAULT_PARAMS, overrides, sets, knob_layer(knobs))
+    _show_used(params)
+    return _pipeline(params, _start("manual", None), refresh)  # type: ignore[return-value]
+
+
+@flow(name="finetune", flow_run_name="finetune-{trigger}", log_prints=True, validate_parameters=True,
+      description=_DESCRIPTION)
+def finetune_from_params(
+    trigger: str = "manual",
+    data_hash: str | None = None,
+    params_path: str = str(DEFAULT_PARAMS),
+    params: Params | None = None,
+    refresh: list[StageName] | None = None,  # type: ignore[valid-type]
+) -> dict[str, Any]:
+    """The flow `finetune` without a form: for the schedule, the data event and `tuneline run`.
+
+    Args:
+        trigger: what started the run (`manual`, `schedule`, or the event's name).
+        data_hash: the data hash an event announced (`tuneline data push`), for the record.
+        params_path: the params file, relative to the project folder the flow runs in.
+        params: params already resolved (what `tuneline run` passes, having parsed its options once);
+            None: params_path as it is.
+        refresh: stages to run even when their cached result is valid.
+    """
+    params = params or resolve_params(params_path)
+    return _pipeline(params, _start(trigger, data_hash), refresh)  # type: ignore[return-value]

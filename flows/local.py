@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from flows.deployments import DEPLOYMENTS
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 
 REPO = Path(__file__).resolve().parent.parent
 STATE_DIR = Path(".prefect")
-DEPLOYMENTS = ("finetune/on-demand", "finetune/scheduled-retrain", "sweep/on-demand")
 
 
 def _prefect_cli() -> list[str]:

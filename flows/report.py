@@ -13,6 +13,8 @@ from flows.mlflow_run import PipelineRun
 from tuneline.atomic import read_json
 from tuneline.config import Params
 
+# Task states of stages that did their part: ran, came from the cache, or had nothing to do after a reject.
+DONE = ("Completed", "Cached", "Skipped")
 METRICS = ["exact_match", "rouge_1", "rouge_2", "rouge_l", "bleu", "perplexity"]
 
 
@@ -39,8 +41,8 @@ def _report(params: Params, name: str, done: set[str], stage: str) -> dict:
 
 
 def summary(params: Params, rows: list[dict[str, Any]], run: PipelineRun, ok: bool) -> dict[str, Any]:
-    done = {r["stage"] for r in rows if r["state"] in ("Completed", "Cached")}
-    failed = next((r for r in rows if r["state"] not in ("Completed", "Cached")), None)
+    done = {r["stage"] for r in rows if r["state"] in DONE}
+    failed = next((r for r in rows if r["state"] not in DONE), None)
     gate = _report(params, "gate.json", done, "gate")
     merge = _report(params, "merge.json", done, "merge")
     deploy = _report(params, "deploy.json", done, "deploy")
@@ -48,9 +50,10 @@ def summary(params: Params, rows: list[dict[str, Any]], run: PipelineRun, ok: bo
     version = None if merge.get("skipped") else merge.get("version")
     return {
         "flow_run_name": run.flow_run_name,
-        "outcome": "completed" if ok else (f"failed at {failed['stage']}" if failed else "failed"),
+        "outcome": (("rejected" if gate.get("decision") == "reject" else "completed") if ok
+                    else (f"failed at {failed['stage']}" if failed else "failed")),
         "stages": {r["stage"]: r["state"] for r in rows},
-        "ran": [r["stage"] for r in rows if r["state"] == "Completed"],
+        "ran": [r["stage"] for r in rows if r["state"] in ("Completed", "Skipped")],
         "cached": [r["stage"] for r in rows if r["state"] == "Cached"],
         "error": failed.get("error") if failed else None,
         "mlflow_run_id": run.mlflow_run_id,

@@ -9,9 +9,12 @@ project and run in order, each from the state the one before left:
 2. in-process: `evaluate` fails once (not a transient error, so no retry), the re-run takes
    bootstrap..train from the cache (their functions are not called) and completes; a
    transient error in the re-run is retried; the failed MLflow run is continued;
-3. `finetune/on-demand` through the Prefect client with an override, as the UI sends it:
-   the gate promotes, merge registers version 1, deploy serves it (its own Ray, port free);
-4. `tuneline data push` emits `tuneline.data.updated`, whose trigger starts a run.
+   the gate rejects: the run ends in a Completed state named Rejected, merge and deploy Skipped;
+3. `finetune/finetune-on-demand` through the Prefect client with an override, as the API sends it:
+   the gate promotes, merge registers version 1, deploy serves it (its own Ray, port free); the
+   run report is the run's first artifact, its Parameters show the knobs it used;
+4. `tuneline data push` emits `tuneline.data.updated`, whose trigger starts a run of
+   `finetune/finetune-on-new-data`.
 
 The project's params gate out every candidate (gate.min_rouge_l 1.0) unless overridden,
 so only run 3 pays for merge and a Ray deployment.
@@ -20,7 +23,6 @@ so only run 3 pays for merge and a Ray deployment.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -31,10 +33,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support.prefect_server import prefect_env, prefect_server
 from support.project import tiny_params
 from support.services import free_port
 
 from flows import local
+from flows.deployments import (
+    DATA_UPDATED_AUTOMATION,
+    FINETUNE_ON_DEMAND,
+    FINETUNE_ON_NEW_DATA,
+    FINETUNE_SCHEDULED,
+)
 from flows.finetune import STAGE_NAMES
 from tuneline.config import Params
 from tuneline.errors import TunelineError
@@ -45,15 +54,8 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # ---------------------------------------------------------------- a real server, a worker, a project
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", **extra)
-    return env
-
-
 def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=_env(), capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=prefect_env(), capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"tuneline {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -76,26 +78,9 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(project):
     """`prefect server start` on a free loopback port, PREFECT_HOME in a temp folder; stopped at the end."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     root, params = project
-    port = params.orchestration.server_port
-    url = f"http://127.0.0.1:{port}/api"
-    log = root.parent / "server.log"
-    env = _env(PREFECT_HOME=str(root.parent / "prefect-home"), PREFECT_UI_ENABLED="false")
-    env.pop("PREFECT_API_URL", None)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        local.wait_healthy(url, 240, proc, log)
-        with pytest.MonkeyPatch.context() as mp, temporary_settings({PREFECT_API_URL: url}):
-            mp.setenv("PREFECT_API_URL", url)  # for the subprocesses: CLI, worker, flow runs
-            mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
-            yield url
-    finally:
-        local.stop_process_group(proc.pid)
+    with prefect_server(root.parent, params.orchestration.server_port) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -142,17 +127,20 @@ def _mlflow(params: Params):
 def test_deployments_registered_with_cron_from_params_and_event_trigger(project, up):
     _, params = project
     with _client() as c:
-        on_demand = c.read_deployment_by_name("finetune/on-demand")
-        retrain = c.read_deployment_by_name("finetune/scheduled-retrain")
-        automations = c.read_automations_by_name("on-demand__automation_1")
+        on_demand = c.read_deployment_by_name(FINETUNE_ON_DEMAND)
+        on_new_data = c.read_deployment_by_name(FINETUNE_ON_NEW_DATA)
+        retrain = c.read_deployment_by_name(FINETUNE_SCHEDULED)
+        automations = c.read_automations_by_name(DATA_UPDATED_AUTOMATION)
         pool = c.read_work_pool(params.orchestration.work_pool)
     schedules = [(s.schedule.cron, s.schedule.timezone, s.active) for s in retrain.schedules]
     assert schedules == [("30 4 * * 2", "UTC", True)]  # orchestration.retrain_cron of the project's params
     assert on_demand.schedules == [] and retrain.parameters == {"trigger": "schedule"}
     assert on_demand.work_pool_name == retrain.work_pool_name == params.orchestration.work_pool
     assert on_demand.entrypoint == "flows.finetune.finetune" and pool.type == "process"
-    assert "overrides" in on_demand.parameter_openapi_schema["properties"]  # the UI's form
-    (automation,) = [a for a in automations if a.actions[0].deployment_id == on_demand.id]
+    form = on_demand.parameter_openapi_schema["properties"]  # the UI's run form, defaults from the project
+    assert form["min_rouge_l"]["default"] == 1.0 and "overrides" in form and "trigger" not in form
+    assert on_new_data.entrypoint == retrain.entrypoint == "flows.finetune.finetune_from_params"
+    (automation,) = [a for a in automations if a.actions[0].deployment_id == on_new_data.id]
     assert automation.trigger.expect == {"tuneline.data.updated"}
 
     # The server's scheduler puts the next retrains on the calendar: Tuesdays 04:30 UTC.
@@ -163,7 +151,7 @@ def test_deployments_registered_with_cron_from_params_and_event_trigger(project,
         while not (scheduled := c.read_flow_runs(deployment_filter=DeploymentFilter(
                 id=DeploymentFilterId(any_=[retrain.id])))) and time.monotonic() < deadline:
             time.sleep(2)
-    assert scheduled, "the scheduler created no run of finetune/scheduled-retrain"
+    assert scheduled, f"the scheduler created no run of {FINETUNE_SCHEDULED}"
     starts = [r.expected_start_time.astimezone(UTC) for r in scheduled]
     assert all((t.weekday(), t.hour, t.minute) == (1, 4, 30) for t in starts), starts
 
@@ -174,7 +162,7 @@ def test_failed_evaluate_then_rerun_skips_completed_stages(project, up, monkeypa
     import tasks.tokenize
     import tasks.train
     import tasks.validate
-    from flows.finetune import finetune
+    from flows.finetune import finetune_from_params
 
     root, params = project
     calls: dict[str, int] = {}
@@ -192,7 +180,7 @@ def test_failed_evaluate_then_rerun_skips_completed_stages(project, up, monkeypa
         monkeypatch.setattr(module, "run", counting(module.__name__, module.run))
     monkeypatch.setattr(tasks.evaluate, "run", counting("tasks.evaluate", tasks.evaluate.run, fail=True))
 
-    first = finetune(params_path=str(root / "params.yaml"), return_state=True)
+    first = finetune_from_params(params_path=str(root / "params.yaml"), return_state=True)
     assert first.is_failed() and "injected: evaluate crashed" in first.message
     states = _task_states(first.state_details.flow_run_id)
     assert {s: states[s][0] for s in STAGE_NAMES[:5]} == {s: "Completed" for s in STAGE_NAMES[:4]} | {
@@ -202,12 +190,13 @@ def test_failed_evaluate_then_rerun_skips_completed_stages(project, up, monkeypa
     failed_run = json.loads((root / "reports" / "train.json").read_text())["mlflow_run_id"]
     assert _mlflow(params).get_run(failed_run).info.status == "FAILED"
 
-    second = finetune(params_path=str(root / "params.yaml"), return_state=True)
-    assert second.is_completed(), second.message
+    second = finetune_from_params(params_path=str(root / "params.yaml"), return_state=True)
+    assert second.is_completed() and second.name == "Rejected", second.message
+    assert second.message.startswith("gate rejected the candidate: ") and "rouge_l" in second.message
     states = _task_states(second.state_details.flow_run_id)
     assert {s: states[s][0] for s in STAGE_NAMES} == {
         "bootstrap": "Cached", "validate": "Cached", "tokenize": "Cached", "train": "Cached",
-        "evaluate": "Completed", "gate": "Completed", "merge": "Completed", "deploy": "Completed"}
+        "evaluate": "Completed", "gate": "Completed", "merge": "Skipped", "deploy": "Skipped"}
     assert states["evaluate"][1] == 2  # the transient error was retried
     assert calls == {"tasks.validate": 1, "tasks.tokenize": 1, "tasks.train": 1, "tasks.evaluate": 3}
     summary = second.result()
@@ -235,10 +224,13 @@ def test_on_demand_run_with_override_registers_and_deploys_a_model(project, up):
 
     _, params = project
     # What the UI's custom-run form sends: only the keys that were filled in.
-    run = run_deployment("finetune/on-demand", parameters={"overrides": {"gate": {"min_rouge_l": 0.0}}},
+    run = run_deployment(FINETUNE_ON_DEMAND, parameters={"overrides": {"gate": {"min_rouge_l": 0.0}}},
                          timeout=0)
     run = _wait_terminal(run.id)
-    assert run.state.type.value == "COMPLETED", run.state.message
+    assert run.state.type.value == "COMPLETED" and run.state.name == "Completed", run.state.message
+    # The Parameters tab: what was sent, and the knobs as the run used them (the override included).
+    assert run.parameters["overrides"] == {"gate": {"min_rouge_l": 0.0}} and run.parameters["min_rouge_l"] == 0.0
+    assert run.parameters["learning_rate"] == params.train.learning_rate
     assert run.name.startswith(f"{params.registry.model_name}-") and "nodata" not in run.name
     states = _task_states(run.id)
     assert {s: states[s][0] for s in STAGE_NAMES[:5]} == {s: "Cached" for s in STAGE_NAMES[:5]}
@@ -253,6 +245,7 @@ def test_on_demand_run_with_override_registers_and_deploys_a_model(project, up):
     assert str(client.get_model_version_by_alias(params.registry.model_name, "champion").version) == "1"
 
     with _client() as c:
+        # One artifact, the report: made as the run starts (its first), filled in as it ends.
         (artifact,) = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[run.id])))
     assert artifact.type == "markdown" and artifact.key == "finetune-tuneline-default"
@@ -265,16 +258,16 @@ def test_data_push_event_starts_an_on_demand_run(project, up):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     root, _ = project
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=_env())
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=prefect_env())
     subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root.parent / "dvc-remote")],
-                   cwd=root, check=True, env=_env())
+                   cwd=root, check=True, env=prefect_env())
     shutil.copytree(root / "data" / "raw", root / "data" / "own")
     out = _cli("data", "push", "data/own", cwd=root).stdout
     digest = out.split("pushed data/own: ", 1)[1].split()[0]
     assert "event tuneline.data.updated sent to" in out
 
     with _client() as c:
-        deployment = c.read_deployment_by_name("finetune/on-demand")
+        deployment = c.read_deployment_by_name(FINETUNE_ON_NEW_DATA)
         deadline = time.monotonic() + 60
         while True:
             runs = [r for r in c.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(
@@ -286,12 +279,13 @@ def test_data_push_event_starts_an_on_demand_run(project, up):
     assert runs[0].parameters["trigger"] == "event tuneline.data.updated"
     run = _wait_terminal(runs[0].id)
     assert run.state.type.value == "COMPLETED", run.state.message
+    assert run.state.name == "Rejected"  # params.yaml as it is: its gate rejects
 
 
 @pytest.mark.slow
 def test_tuneline_run_reports_to_the_up_server_and_skips_cached_stages(project, server, up):
     root, _ = project
-    env = _env()
+    env = prefect_env()
     env.pop("PREFECT_API_URL")  # nothing configured: `tuneline run` finds the server `up` recorded here
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=root, env=env, capture_output=True,

@@ -63,7 +63,7 @@ class Orchestration(Section):
 
     work_pool: str = Field("tuneline", min_length=1, description="Prefect process work pool of the deployments")
     retrain_cron: str = Field("0 3 * * 1", pattern=r"^\s*\S+(\s+\S+){4}\s*$",
-                              description="cron of finetune/scheduled-retrain (five fields)")
+                              description="cron of finetune/finetune-scheduled-retrain (five fields)")
     timezone: str = Field("UTC", description="time zone of retrain_cron")
     results_dir: Path = Field(Path(".prefect-results"), description="persisted task results: the flow's stage cache")
     retries: int = Field(3, ge=0, description="retries of a stage that failed on a transient error")
