@@ -178,10 +178,11 @@ def finetune(
                 _rename(params, cache.data_hash(params), run)
         ok = True
     finally:
-        mlflow_run.close(params, run, ok)
         summary = report.summary(params, rows, run, ok)
+        markdown = report.markdown(params, summary)
+        mlflow_run.close(params, run, ok, markdown)  # the MLflow run keeps the report too (run_report.md)
         try:
-            create_markdown_artifact(markdown=report.markdown(params, summary), key=report.artifact_key(params),
+            create_markdown_artifact(markdown=markdown, key=report.artifact_key(params),
                                      description=f"finetune {summary['flow_run_name']}: {summary['outcome']}")
         except Exception as e:  # the report must never hide the run's own outcome
             print(f"could not create the run report artifact: {e}")

@@ -34,6 +34,9 @@ from tuneline.errors import TunelineError
 # MLflow's HTTP client retries a failed request with backoff for minutes; a buffered send tries once.
 ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
+# MLflow 3's UI opens an experiment of this kind on its runs, in model-training mode (its default is GenAI mode).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
 log = logging.getLogger("tuneline")
 
 
@@ -49,10 +52,11 @@ def setup(params: Params):
     mlflow.set_tracking_uri(params.registry.tracking_uri)
     exp = mlflow.get_experiment_by_name(params.registry.experiment)
     if exp is None:
-        exp_id = mlflow.create_experiment(params.registry.experiment, artifact_location=artifact_location(params))
-    else:
-        exp_id = exp.experiment_id
-    return exp_id
+        return mlflow.create_experiment(params.registry.experiment, artifact_location=artifact_location(params),
+                                        tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in exp.tags:  # one made before the tag, or elsewhere; a kind chosen in the UI stays
+        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 def artifact_location(params: Params) -> str | None:
@@ -146,7 +150,10 @@ def _unreachable(e: Exception) -> bool:
 
 
 class _Outbox:
-    """Metrics and tags the tracking server has not taken yet, oldest first, as (run id, metrics, tags)."""
+    """What the tracking server has not taken yet, oldest first, as (run id, metrics, tags, files).
+
+    Files are (local path, artifact folder), read when sent: the stage's own reports, written before.
+    """
 
     def __init__(self):
         self.items: list[tuple[str, list, list]] = []
@@ -158,10 +165,13 @@ class _Outbox:
 
         client = mlflow.MlflowClient()
         while self.items:
-            run_id, metrics, tags = self.items[0]
+            run_id, metrics, tags, files = self.items[0]
             try:
                 with _one_try():
-                    client.log_batch(run_id, metrics=metrics, tags=tags)
+                    if metrics or tags:
+                        client.log_batch(run_id, metrics=metrics, tags=tags)
+                    for path, folder in files:
+                        client.log_artifact(run_id, str(path), folder)
             except Exception as e:
                 if not _unreachable(e):
                     raise
@@ -180,10 +190,10 @@ class _Outbox:
         deadline = time.monotonic() + params.registry.tracking_wait_s
         while not self.send():
             if time.monotonic() >= deadline:
-                values = sum(len(metrics) + len(tags) for _, metrics, tags in self.items)
+                values = sum(len(metrics) + len(tags) + len(files) for _, metrics, tags, files in self.items)
                 raise TrackingUnreachable(
                     f"MLflow tracking server {params.registry.tracking_uri} (registry.tracking_uri) is unreachable: "
-                    f"{values} metric and tag values were not sent after waiting "
+                    f"{values} metric, tag and file values were not sent after waiting "
                     f"{params.registry.tracking_wait_s:g}s (registry.tracking_wait_s). The stage's outputs are "
                     f"written (its metrics are also in {params.reports_dir}/); run it again when the server is "
                     "back.") from self.error
@@ -201,8 +211,19 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, tags: dict[s
     now = int(time.time() * 1000)
     _outbox.items.append((mlflow.active_run().info.run_id,
                           [Metric(key, float(value), now, step or 0) for key, value in metrics.items()],
-                          [RunTag(key, str(value)) for key, value in (tags or {}).items()]))
+                          [RunTag(key, str(value)) for key, value in (tags or {}).items()], []))
     _outbox.send()
+
+
+def log_files(*paths: Path, folder: str = "reports") -> None:
+    """Attach the stage's report files that exist to the active run, under `folder`; kept like metrics while the
+    tracking server does not answer."""
+    import mlflow
+
+    files = [(path, folder) for path in paths if path.exists()]
+    if files:
+        _outbox.items.append((mlflow.active_run().info.run_id, [], [], files))
+        _outbox.send()
 
 
 def log_section_params(params: Params, *sections: str) -> None:
@@ -260,7 +281,8 @@ def open_pipeline_run(params: Params, run_name: str, tags: dict[str, str] | None
     from mlflow import MlflowClient
 
     exp_id = setup(params)
-    run = MlflowClient().create_run(exp_id, run_name=run_name, tags={"tuneline.entry": "tuneline run", **(tags or {})})
+    run = MlflowClient().create_run(exp_id, run_name=run_name,
+                                    tags={"tuneline.entry": "tuneline run", **(tags or {})})
     return run.info.run_id
 
 
