@@ -49,5 +49,5 @@ def set_outcome(outcome: str, details: list[str] = ()) -> None:
     description (the reasons as a list below it)."""
     import mlflow
 
-    note = "\n".join([f"**{outcome}**", *([""] if details else []), *(f"- {d}" for d in details)])
+    note = "\n".join([outcome, *([""] if details else []), *(f"- {d}" for d in details)])
     mlflow.set_tags({OUTCOME_TAG: outcome, NOTE_TAG: note})

@@ -34,9 +34,6 @@ from tuneline.errors import TunelineError
 # MLflow's HTTP client retries a failed request with backoff for minutes; a buffered send tries once.
 ONE_TRY = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
-# MLflow 3's UI opens an experiment of this kind on its runs, in model-training mode (its default is GenAI mode).
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-
 log = logging.getLogger("tuneline")
 
 
@@ -52,11 +49,10 @@ def setup(params: Params):
     mlflow.set_tracking_uri(params.registry.tracking_uri)
     exp = mlflow.get_experiment_by_name(params.registry.experiment)
     if exp is None:
-        return mlflow.create_experiment(params.registry.experiment, artifact_location=artifact_location(params),
-                                        tags=dict([EXPERIMENT_KIND]))
-    if EXPERIMENT_KIND[0] not in exp.tags:  # one made before the tag, or elsewhere; a kind chosen in the UI stays
-        mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
-    return exp.experiment_id
+        exp_id = mlflow.create_experiment(params.registry.experiment, artifact_location=artifact_location(params))
+    else:
+        exp_id = exp.experiment_id
+    return exp_id
 
 
 def artifact_location(params: Params) -> str | None:
@@ -156,7 +152,7 @@ class _Outbox:
     """
 
     def __init__(self):
-        self.items: list[tuple[str, list, list]] = []
+        self.items: list[tuple[str, list, list, list]] = []
         self.error: Exception | None = None  # why the last send failed; None while the server takes them
 
     def send(self) -> bool:
