@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tuneline import registry, run_view, s3, tracking
+from tuneline import registry, run_view, tracking
 from tuneline.atomic import write_json
 from tuneline.config import Params
 from tuneline.models import load_model, load_tokenizer
@@ -62,7 +62,7 @@ def run(params: Params) -> dict:
     with tracking.pipeline_run(params):
         tracking.log_section_params(params, "evaluate")
         eval_file = params.data.eval_path or params.data.validated_dir / "eval.jsonl"  # none given: the split
-        run_view.log_dataset("eval", eval_file, s3.local_path(eval_file))
+        run_view.log_dataset("eval", eval_file)
         mlflow.log_metrics(tracking.numeric({k: v for k, v in report.items() if isinstance(v, dict)}, "eval."))
         mlflow.log_table(data=eval_table(report), artifact_file="eval_table.json")
         keep = min(params.evaluate.samples_logged, len(records))

@@ -15,11 +15,14 @@ OUTCOME_TAG = "tuneline.outcome"
 NOTE_TAG = "mlflow.note.content"  # the run's description in the UI (markdown)
 
 
+def local_file(path: Path | str) -> Path:
+    """Where a data path's content is here: itself, or an s3:// URI's cached copy (never fetched from here)."""
+    return s3.cache_path(str(path)) if s3.is_remote(path) else Path(path)
+
+
 def data_hash(params: Params) -> str | None:
-    """DVC's md5 of the run's input data (data.train_path, then data.eval_path; an s3:// URI: its cached copy);
-    None while a file is not here yet."""
-    paths = [p for p in (params.data.train_path, params.data.eval_path) if p is not None]
-    local = [s3.cache_path(str(p)) if s3.is_remote(p) else Path(p) for p in paths]
+    """DVC's md5 of the run's input data (data.train_path, then data.eval_path); None while a file is not here."""
+    local = [local_file(p) for p in (params.data.train_path, params.data.eval_path) if p is not None]
     return file_md5(*local) if all(p.is_file() for p in local) else None
 
 
@@ -30,13 +33,17 @@ def run_name(params: Params, when: datetime | None = None) -> str:
     return f"{params.registry.model_name}@{(data_hash(params) or 'nodata')[:8]} {when:%Y-%m-%d %H:%M:%S}"
 
 
-def log_dataset(context: str, source: Path | str, local: Path) -> None:
-    """The data a stage read, as an MLflow dataset of the active run: named for the file, its DVC md5 the digest,
-    the path or URI it came from the source (the UI's "Datasets" column and the run's "Datasets used")."""
+def log_dataset(context: str, source: Path | str) -> None:
+    """The data of a run, as an MLflow dataset of the active run: named for the file, its DVC md5 the digest,
+    the path or URI it came from the source (the UI's "Dataset" column and the run's "Datasets"). A stage
+    that reads it in a later form (train: the tokenized data) may run where it is not: then it logs none."""
     import mlflow
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
+    local = local_file(source)
+    if not local.is_file():
+        return
     uri = str(source) if s3.is_remote(source) else str(Path(source).resolve())
     with warnings.catch_warnings():  # a local path matches several source kinds alike; MLflow warns, then picks one
         warnings.simplefilter("ignore")

@@ -277,8 +277,7 @@ def open_pipeline_run(params: Params, run_name: str, tags: dict[str, str] | None
     from mlflow import MlflowClient
 
     exp_id = setup(params)
-    run = MlflowClient().create_run(exp_id, run_name=run_name,
-                                    tags={"tuneline.entry": "tuneline run", **(tags or {})})
+    run = MlflowClient().create_run(exp_id, run_name=run_name, tags={"tuneline.entry": "tuneline run", **(tags or {})})
     return run.info.run_id
 
 

@@ -215,7 +215,7 @@ def test_failed_evaluate_then_rerun_skips_completed_stages(project, up, monkeypa
     assert summary["mlflow_run_id"] == failed_run and summary["mlflow_resumed"]  # one MLflow run for the pipeline
     run = _mlflow(params).get_run(failed_run)
     assert run.info.status == "FINISHED" and run.data.tags["tuneline.gate"] == "reject"
-    assert {"train.loss", "eval.candidate.rouge_l", "validate.train_records"} <= set(run.data.metrics)
+    assert {"train.loss", "eval.candidate.rouge_l", "validate.splits.train.records"} <= set(run.data.metrics)
     # validate logged its figures in the first flow run; train, which adds the reports' others, did not repeat them
     assert len(_mlflow(params).get_metric_history(failed_run, "validate.duplicate_rate")) == 1
     assert run.info.run_name.startswith("tuneline-default@") and "nodata" not in run.info.run_name

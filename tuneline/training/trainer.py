@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from tuneline import run_view, s3, tracking
+from tuneline import run_view, tracking
 from tuneline.atomic import read_json, replace_dir, write_json, write_text
 from tuneline.config import Params
 from tuneline.models import load_model
@@ -256,7 +256,7 @@ def _log_run_start(params: Params) -> None:
     mlflow.set_tags({"tuneline.git_commit": tracking.git_commit(), "tuneline.data_hash": run_view.data_hash(params),
                      "tuneline.params_hash": tracking.params_hash(params)})
     tracking.log_section_params(params, "model", "data", "lora", "train", "distributed")
-    run_view.log_dataset("train", params.data.train_path, s3.local_path(params.data.train_path))
+    run_view.log_dataset("train", params.data.train_path)
     logged = set(mlflow.get_run(mlflow.active_run().info.run_id).data.metrics)
     mlflow.log_metrics(_prior_reports(params, logged))
 
