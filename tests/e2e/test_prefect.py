@@ -253,6 +253,8 @@ def test_on_demand_run_with_override_registers_and_deploys_a_model(project, up):
     (mlrun,) = client.search_runs([client.get_experiment_by_name(params.registry.experiment).experiment_id],
                                   f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["tuneline.gate"] == "promote"
+    assert mlrun.data.tags["tuneline.outcome"] == "promoted v1" and mlrun.info.run_name.startswith("tuneline-default@")
+    assert "run_report.md" in {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     version = client.get_model_version(params.registry.model_name, "1")
     assert version.run_id == mlrun.info.run_id
     assert str(client.get_model_version_by_alias(params.registry.model_name, "champion").version) == "1"
