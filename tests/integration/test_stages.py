@@ -135,7 +135,7 @@ def test_the_mlflow_run_reads_as_what_it_is(tiny_run, tmp_path):
     assert re.fullmatch(rf"tuneline-default@{digest[:8]} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d", run.info.run_name)
     tags = run.data.tags
     assert tags["tuneline.outcome"] == "promoted v1" and tags["tuneline.data_hash"] == digest
-    assert tags["mlflow.note.content"].startswith("**promoted v1**\n\n- registered as `models:/tuneline-default/1`")
+    assert tags["mlflow.note.content"].startswith("promoted v1\n\n- registered as `models:/tuneline-default/1`\n- ")
 
     datasets = {(d.dataset.name, d.dataset.digest, json.loads(d.dataset.source)["uri"],
                  {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in run.inputs.dataset_inputs}
