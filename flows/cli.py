@@ -76,9 +76,9 @@ def run_flow(params: Params) -> None:
 
 def run_pipeline(params: Params) -> None:
     """All stages in order in this process, without Prefect, logging into one MLflow run."""
-    from tuneline import tracking
+    from tuneline import run_view, tracking
 
-    run_id = tracking.open_pipeline_run(params, f"finetune-{params.registry.model_name}")
+    run_id = tracking.open_pipeline_run(params, run_view.run_name(params))
     start, ok = time.perf_counter(), False
     try:
         for name in ALL_STAGES:

@@ -173,9 +173,10 @@ def _pipeline(params: Params, run: PipelineRun, refresh: list[str] | None) -> St
                 _rename(params, cache.data_hash(params), run)
         ok = True
     finally:
-        mlflow_run.close(params, run, ok)
         summary = report.summary(params, rows, run, ok)
-        _fill_report(report_id, params, summary)
+        markdown = report.markdown(params, summary)
+        mlflow_run.close(params, run, ok, markdown)  # the MLflow run keeps the report too (run_report.md)
+        _fill_report(report_id, params, summary, markdown)
     if summary["decision"] == "reject":
         why = "; ".join(map(str, summary["reasons"])) or "the gate rejected the candidate"
         return Completed(name="Rejected", message=f"gate rejected the candidate: {why}", data=summary)
@@ -194,12 +195,11 @@ def _create_report(params: Params, run: PipelineRun):
         return None
 
 
-def _fill_report(report_id, params: Params, summary: dict[str, Any]) -> None:
+def _fill_report(report_id, params: Params, summary: dict[str, Any], markdown: str) -> None:
     from prefect.artifacts import create_markdown_artifact
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactUpdate
 
-    markdown = report.markdown(params, summary)
     description = f"finetune {summary['flow_run_name']}: {summary['outcome']}"
     try:
         if report_id is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tasks import ALL_STAGES
-from tuneline import tracking
+from tuneline import run_view, tracking
 from tuneline.atomic import read_json
 from tuneline.config import Params
 
@@ -74,15 +74,21 @@ def ensure_open(stage: str, params: Params, run: PipelineRun) -> None:
     else:
         if after_train and params.report("train.json").exists():
             tags["tuneline.candidate_run_id"] = str(read_json(params.report("train.json")).get("mlflow_run_id"))
-        run_id = tracking.open_pipeline_run(params, f"finetune-{params.registry.model_name}", tags)
+        run_id = tracking.open_pipeline_run(params, run_view.run_name(params), tags)
     run.mlflow_run_id = run_id
 
 
-def close(params: Params, run: PipelineRun, ok: bool) -> None:
-    """Mark the MLflow run FINISHED or FAILED; a tracking hiccup here never hides the run's own outcome."""
+def close(params: Params, run: PipelineRun, ok: bool, report: str | None = None) -> None:
+    """Attach the run report (markdown) and mark the MLflow run FINISHED or FAILED; a tracking hiccup here
+    never hides the run's own outcome."""
+    from mlflow import MlflowClient
+
     if not run.mlflow_run_id:
         return
     try:
+        if report is not None:
+            tracking.setup(params)
+            MlflowClient().log_text(run.mlflow_run_id, report, "run_report.md")
         tracking.close_pipeline_run(params, run.mlflow_run_id, ok)
     except Exception as e:
         print(f"could not mark MLflow run {run.mlflow_run_id} {'FINISHED' if ok else 'FAILED'}: {e}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from tuneline import registry, tracking
+from tuneline import registry, run_view, tracking
 from tuneline.atomic import write_json
 from tuneline.config import Params
 from tuneline.models import load_model, load_tokenizer
@@ -61,14 +61,28 @@ def run(params: Params) -> dict:
     write_json(params.report("eval.json"), report)
     with tracking.pipeline_run(params):
         tracking.log_section_params(params, "evaluate")
+        eval_file = params.data.eval_path or params.data.validated_dir / "eval.jsonl"  # none given: the split
+        run_view.log_dataset("eval", eval_file)
         mlflow.log_metrics(tracking.numeric({k: v for k, v in report.items() if isinstance(v, dict)}, "eval."))
+        mlflow.log_table(data=eval_table(report), artifact_file="eval_table.json")
         keep = min(params.evaluate.samples_logged, len(records))
         table = {"prompt": list(prompts[:keep]), "reference": references[:keep]}
         table.update({name: gens[:keep] for name, gens in generations.items() if gens})
         mlflow.log_table(data=table, artifact_file="eval_samples.json")
+        tracking.log_files(params.report("eval.json"))
     _print_table(report)
     cand = report["candidate"]
     return {k: cand[k] for k in ("exact_match", "rouge_l", "perplexity") if k in cand}
+
+
+def eval_table(report: dict) -> dict[str, list]:
+    """The models side by side, one metric per row (MLflow's table view of eval_table.json)."""
+    metrics = list(report["candidate"])
+    champion = report.get("champion")
+    return {"metric": metrics,
+            "candidate": [report["candidate"][m] for m in metrics],
+            "base": [(report.get("base") or {}).get(m) for m in metrics],
+            "champion": [champion.get(m) for m in metrics] if champion else ["no champion yet"] * len(metrics)}
 
 
 def _print_table(report: dict) -> None:

@@ -6,7 +6,7 @@ and every reason, and merge and deploy then do nothing.
 
 from __future__ import annotations
 
-from tuneline import tracking
+from tuneline import run_view, tracking
 from tuneline.atomic import read_json, write_json
 from tuneline.config import Params
 
@@ -40,6 +40,14 @@ def decide(report: dict, params: Params) -> tuple[bool, list[str], list[str]]:
     return not failed, failed, passed
 
 
+def outcome(promote: bool, failed: list[str], passed: list[str]) -> tuple[str, list[str]]:
+    """The run's outcome (merge makes a pass `promoted vN`) and its reasons."""
+    if promote:
+        return "passed the gate", passed
+    more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+    return f"rejected: {failed[0]}{more}", failed
+
+
 def run(params: Params) -> dict:
     import mlflow
 
@@ -52,7 +60,9 @@ def run(params: Params) -> dict:
     with tracking.pipeline_run(params):
         tracking.log_section_params(params, "gate")
         mlflow.set_tag("tuneline.gate", decision)
+        run_view.set_outcome(*outcome(promote, failed, passed))
         mlflow.log_metric("gate.promote", float(promote))
+        tracking.log_files(params.report("gate.json"))
     if promote:
         print(f"gate: promote ({len(passed)} checks passed)")
     else:

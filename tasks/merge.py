@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tuneline import quantize, registry, s3, tracking
+from tuneline import quantize, registry, run_view, s3, tracking
 from tuneline.atomic import atomic_dir, read_json, write_json
 from tuneline.config import Params
 from tuneline.errors import TunelineError
@@ -82,6 +82,9 @@ def run(params: Params) -> dict:
         if quantized is not None and quantized["retention"] is not None:
             mlflow.log_metric(f"merge.{quantized['quantize']}.retention", quantized["retention"])
         mlflow.set_tag("tuneline.model_version", version)
+        gate = read_json(params.report("gate.json"))
+        run_view.set_outcome(f"promoted v{version}", [f"registered as `models:/{params.registry.model_name}/"
+                                                      f"{version}`", *gate["passed"]])
     out = {"model_name": params.registry.model_name, "version": version,
            "model_uri": f"models:/{params.registry.model_name}/{version}",
            "model_dir": str(params.merge.output_dir), "max_logit_diff": diff, **tags}

@@ -146,10 +146,13 @@ def _unreachable(e: Exception) -> bool:
 
 
 class _Outbox:
-    """Metrics and tags the tracking server has not taken yet, oldest first, as (run id, metrics, tags)."""
+    """What the tracking server has not taken yet, oldest first, as (run id, metrics, tags, files).
+
+    Files are (local path, artifact folder), read when sent: the stage's own reports, written before.
+    """
 
     def __init__(self):
-        self.items: list[tuple[str, list, list]] = []
+        self.items: list[tuple[str, list, list, list]] = []
         self.error: Exception | None = None  # why the last send failed; None while the server takes them
 
     def send(self) -> bool:
@@ -158,10 +161,13 @@ class _Outbox:
 
         client = mlflow.MlflowClient()
         while self.items:
-            run_id, metrics, tags = self.items[0]
+            run_id, metrics, tags, files = self.items[0]
             try:
                 with _one_try():
-                    client.log_batch(run_id, metrics=metrics, tags=tags)
+                    if metrics or tags:
+                        client.log_batch(run_id, metrics=metrics, tags=tags)
+                    for path, folder in files:
+                        client.log_artifact(run_id, str(path), folder)
             except Exception as e:
                 if not _unreachable(e):
                     raise
@@ -180,10 +186,10 @@ class _Outbox:
         deadline = time.monotonic() + params.registry.tracking_wait_s
         while not self.send():
             if time.monotonic() >= deadline:
-                values = sum(len(metrics) + len(tags) for _, metrics, tags in self.items)
+                values = sum(len(metrics) + len(tags) + len(files) for _, metrics, tags, files in self.items)
                 raise TrackingUnreachable(
                     f"MLflow tracking server {params.registry.tracking_uri} (registry.tracking_uri) is unreachable: "
-                    f"{values} metric and tag values were not sent after waiting "
+                    f"{values} metric, tag and file values were not sent after waiting "
                     f"{params.registry.tracking_wait_s:g}s (registry.tracking_wait_s). The stage's outputs are "
                     f"written (its metrics are also in {params.reports_dir}/); run it again when the server is "
                     "back.") from self.error
@@ -201,8 +207,19 @@ def log_metrics(metrics: dict[str, float], step: int | None = None, tags: dict[s
     now = int(time.time() * 1000)
     _outbox.items.append((mlflow.active_run().info.run_id,
                           [Metric(key, float(value), now, step or 0) for key, value in metrics.items()],
-                          [RunTag(key, str(value)) for key, value in (tags or {}).items()]))
+                          [RunTag(key, str(value)) for key, value in (tags or {}).items()], []))
     _outbox.send()
+
+
+def log_files(*paths: Path, folder: str = "reports") -> None:
+    """Attach the stage's report files that exist to the active run, under `folder`; kept like metrics while the
+    tracking server does not answer."""
+    import mlflow
+
+    files = [(path, folder) for path in paths if path.exists()]
+    if files:
+        _outbox.items.append((mlflow.active_run().info.run_id, [], [], files))
+        _outbox.send()
 
 
 def log_section_params(params: Params, *sections: str) -> None:

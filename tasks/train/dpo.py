@@ -106,6 +106,5 @@ def train(params: Params) -> dict:
         eval_dataset=preference_split(data / "eval.jsonl", template) if has_eval else None,
         callbacks=[*watch.callbacks, RewardLog()])
     # TRL's frozen copy of the SFT adapter goes once training ends: the adapter written is the policy alone.
-    return fit(params, args, trainer, model, tokenizer, watch, f"dpo-{params.registry.model_name}",
-               after_train=lambda: model.delete_adapter("ref"),
+    return fit(params, args, trainer, model, tokenizer, watch, after_train=lambda: model.delete_adapter("ref"),
                extra=lambda done: {"dpo_from": str(src), **reward_summary(done.state.log_history)})

@@ -22,5 +22,4 @@ def train(params: Params) -> dict:
     watch = supervise(params, args, model, data["train"]._fingerprint, seq)
     trainer, restore_head = build_trainer(params, args, model, tokenizer, data["train"],
                                           data["eval"] if has_eval else None, watch.callbacks)
-    return fit(params, args, trainer, model, tokenizer, watch, f"finetune-{params.registry.model_name}",
-               after_train=restore_head)
+    return fit(params, args, trainer, model, tokenizer, watch, after_train=restore_head)

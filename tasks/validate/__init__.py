@@ -108,5 +108,6 @@ def run(params: Params) -> dict:
 
         with tracking.pipeline_run(params):
             tracking.log_section_params(params, "data", "validate")
-            mlflow.log_metrics({f"validate.{k}": float(v) for k, v in summary.items()})
+            # The report's figures, named as train logs them under `dvc repro` (then it adds none again).
+            mlflow.log_metrics(tracking.numeric(report, "validate."))
     return summary

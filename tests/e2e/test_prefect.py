@@ -204,7 +204,12 @@ def test_failed_evaluate_then_rerun_skips_completed_stages(project, up, monkeypa
     assert summary["mlflow_run_id"] == failed_run and summary["mlflow_resumed"]  # one MLflow run for the pipeline
     run = _mlflow(params).get_run(failed_run)
     assert run.info.status == "FINISHED" and run.data.tags["tuneline.gate"] == "reject"
-    assert {"train.train_loss", "eval.candidate.rouge_l", "validate.train_records"} <= set(run.data.metrics)
+    assert {"train.loss", "eval.candidate.rouge_l", "validate.splits.train.records"} <= set(run.data.metrics)
+    # validate logged its figures in the first flow run; train, which adds the reports' others, did not repeat them
+    assert len(_mlflow(params).get_metric_history(failed_run, "validate.duplicate_rate")) == 1
+    assert run.info.run_name.startswith("tuneline-default@") and "nodata" not in run.info.run_name
+    assert run.data.tags["tuneline.outcome"].startswith("rejected: ")
+    assert "run_report.md" in {a.path for a in _mlflow(params).list_artifacts(failed_run)}
 
 
 def _wait_terminal(flow_run_id, timeout: float = 420):
@@ -240,6 +245,8 @@ def test_on_demand_run_with_override_registers_and_deploys_a_model(project, up):
     (mlrun,) = client.search_runs([client.get_experiment_by_name(params.registry.experiment).experiment_id],
                                   f"tags.`prefect.flow_run_id` = '{run.id}'")
     assert mlrun.info.status == "FINISHED" and mlrun.data.tags["tuneline.gate"] == "promote"
+    assert mlrun.data.tags["tuneline.outcome"] == "promoted v1" and mlrun.info.run_name.startswith("tuneline-default@")
+    assert "run_report.md" in {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     version = client.get_model_version(params.registry.model_name, "1")
     assert version.run_id == mlrun.info.run_id
     assert str(client.get_model_version_by_alias(params.registry.model_name, "champion").version) == "1"

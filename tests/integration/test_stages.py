@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import json
 import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +20,7 @@ from tasks.bootstrap.data import (
     generate_records,
 )
 from tasks.merge import merged_model
-from tuneline import registry
+from tuneline import registry, run_view, tracking
 from tuneline.atomic import read_json
 from tuneline.errors import TunelineError
 from tuneline.formats import render
@@ -120,6 +123,41 @@ def test_one_mlflow_run_holds_every_stage(tiny_run):
                 "eval.candidate.rouge_l", "eval.base.exact_match", "gate.promote", "merge.max_logit_diff"):
         assert key in keys, key
     assert run.data.params["lora.r"] == "16" and run.data.tags["tuneline.gate"] == "promote"
+
+
+def test_the_mlflow_run_reads_as_what_it_is(tiny_run, tmp_path):
+    """What the MLflow UI shows of the run: its name, outcome, datasets, reports and the eval table."""
+    params, _ = tiny_run
+    client = registry.client(params)
+    run_id = read_json(params.report("train.json"))["mlflow_run_id"]
+    run = client.get_run(run_id)
+    digest = run_view.data_hash(params)
+    assert re.fullmatch(rf"tuneline-default@{digest[:8]} \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d", run.info.run_name)
+    tags = run.data.tags
+    assert tags["tuneline.outcome"] == "promoted v1" and tags["tuneline.data_hash"] == digest
+    assert tags["mlflow.note.content"].startswith("promoted v1\n\n- registered as `models:/tuneline-default/1`\n- ")
+
+    datasets = {(d.dataset.name, d.dataset.digest, json.loads(d.dataset.source)["uri"],
+                 {t.key: t.value for t in d.tags}["mlflow.data.context"]) for d in run.inputs.dataset_inputs}
+    train, evals = params.data.train_path, params.data.eval_path
+    assert datasets == {("train.jsonl", tracking.file_md5(train), str(train), "train"),
+                        ("eval.jsonl", tracking.file_md5(evals), str(evals), "eval")}
+
+    reports = {Path(a.path).name for a in client.list_artifacts(run_id, "reports")}
+    assert reports == {"train.json", "train_log.csv", "eval.json", "gate.json"}
+    assert {"path": "eval_table.json", "type": "table"} in json.loads(tags["mlflow.loggedArtifacts"])
+    table = read_json(Path(client.download_artifacts(run_id, "eval_table.json", str(tmp_path))))
+    report = read_json(params.report("eval.json"))
+    assert table["columns"] == ["metric", "candidate", "base", "champion"]
+    assert [row[0] for row in table["data"]] == list(report["candidate"])
+    for metric, candidate, base, champion in table["data"]:
+        assert (candidate, base, champion) == (report["candidate"][metric], report["base"][metric], "no champion yet")
+
+    metrics = set(run.data.metrics)  # one name per quantity, one point per step
+    assert not metrics & {"train.train_loss", "train.final_loss"}
+    for series in ("train.loss", "train.tokens_per_s"):
+        assert [m.step for m in client.get_metric_history(run_id, series)] == [2, 4, 6], series
+    assert len(client.get_metric_history(run_id, "validate.duplicate_rate")) == 1
 
 
 def test_merge_refuses_a_merge_that_changes_logits(tiny_run):

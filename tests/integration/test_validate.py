@@ -129,7 +129,7 @@ def test_logs_to_mlflow_only_inside_a_pipeline_run(work, monkeypatch):
     assert calls == []
     run(work.params().in_mlflow_run("abc123"))
     assert calls[:2] == ["run", ("params", ("data", "validate"))]
-    assert calls[2][1]["validate.train_records"] == 5.0 and calls[2][1]["validate.overlap_rate"] == 0.0
+    assert calls[2][1]["validate.splits.train.records"] == 5.0 and calls[2][1]["validate.overlap_rate"] == 0.0
 
 
 def test_holdout_is_deterministic_and_never_overlaps(work):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tasks.gate import decide
+from tasks.evaluate import eval_table
+from tasks.gate import decide, outcome
 from tuneline.config import Params
 
 GOOD = {"exact_match": 0.7, "rouge_l": 0.7, "perplexity": 1.3}
@@ -38,3 +39,20 @@ def test_champion_must_be_beaten_by_the_margin():
     assert not promote and "champion v1" in failed[0]
     better = report(champion={**GOOD, "rouge_l": 0.7 - params.gate.min_margin_over_champion})
     assert decide(better, params)[0]
+
+
+def test_the_outcome_names_the_first_failed_check_and_counts_the_others():
+    failed = decide(report(candidate={**GOOD, "exact_match": 0.1, "perplexity": 99.0}), Params())[1]
+    text, reasons = outcome(False, failed, [])
+    assert text == "rejected: exact_match 0.1000, needs >= 0.55 (gate.min_exact_match) (and 1 more)"
+    assert reasons == failed
+    assert outcome(True, [], ["a", "b"]) == ("passed the gate", ["a", "b"])
+
+
+def test_the_eval_table_puts_the_models_side_by_side():
+    champion = {**GOOD, "rouge_l": 0.6}
+    assert eval_table(report(champion=champion)) == {
+        "metric": ["exact_match", "rouge_l", "perplexity"], "candidate": [0.7, 0.7, 1.3],
+        "base": [0.0, 0.1, 900.0], "champion": [0.7, 0.6, 1.3]}
+    assert eval_table(report(base=None))["base"] == [None] * 3
+    assert eval_table(report())["champion"] == ["no champion yet"] * 3

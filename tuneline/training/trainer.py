@@ -17,7 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from tuneline import tracking
+from tuneline import run_view, tracking
 from tuneline.atomic import read_json, replace_dir, write_json, write_text
 from tuneline.config import Params
 from tuneline.errors import TunelineError
@@ -25,6 +25,7 @@ from tuneline.models import load_model
 from tuneline.training import distributed, loss, supervision
 
 LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"]
+SERIES_SUMMARIES = {"steps", "train_loss", "final_loss", "tokens_per_s"}  # in train.json, not MLflow metrics
 
 
 def with_adapter(model, params: Params):
@@ -131,14 +132,15 @@ def _csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _prior_reports(params: Params) -> dict[str, float]:
-    """Validate and tokenize metrics, so the run holds every stage even under `dvc repro`."""
+def _prior_reports(params: Params, logged: set[str]) -> dict[str, float]:
+    """Validate and tokenize metrics, so the run holds every stage even under `dvc repro`; not those the run
+    has already (a pipeline run's validate logged its own: a second point would make them a history)."""
     metrics: dict[str, float] = {}
     for stage, name in (("validate", "validation.json"), ("tokenize", "tokenize.json")):
         path = params.report(name)
         if path.exists():
             metrics.update(tracking.numeric(read_json(path), f"{stage}."))
-    return metrics
+    return {key: value for key, value in metrics.items() if key not in logged}
 
 
 def resume_key(params: Params, data_fingerprint: str) -> str:
@@ -209,13 +211,15 @@ def supervise(params: Params, args, model, data_fingerprint: str, seq_len: int) 
     return Supervision(resume_from, rows, monitor, preemption)
 
 
-def fit(params: Params, args, trainer, model, tokenizer, watch: Supervision, run_name: str,
+def fit(params: Params, args, trainer, model, tokenizer, watch: Supervision,
         after_train=lambda: None, extra=lambda trainer: {}) -> dict:
-    """Train, in rank 0's new MLflow run; save the adapter. Rank 0 returns the summary (plus `extra(trainer)`),
-    the others {}. `after_train` runs as soon as training ends, also when it fails."""
+    """Train, in rank 0's new MLflow run (a pipeline run's run, renamed for the data now known); save the adapter.
+    Rank 0 returns the summary (plus `extra(trainer)`), the others {}. `after_train` runs as soon as training
+    ends, also when it fails."""
 
     is_main = distributed.rank() == 0
-    with tracking.pipeline_run(params, new=True, run_name=run_name) if is_main else nullcontext() as run:
+    name = run_view.run_name(params) if is_main else None
+    with tracking.pipeline_run(params, new=True, run_name=name) if is_main else nullcontext() as run:
         if is_main:
             _log_run_start(params)
         if watch.resume_from:
@@ -254,10 +258,12 @@ def save_adapter(params: Params, trainer, tokenizer, is_main: bool) -> None:
 def _log_run_start(params: Params) -> None:
     import mlflow
 
-    mlflow.set_tags({"tuneline.git_commit": tracking.git_commit(),
+    mlflow.set_tags({"tuneline.git_commit": tracking.git_commit(), "tuneline.data_hash": run_view.data_hash(params),
                      "tuneline.params_hash": tracking.params_hash(params)})
     tracking.log_section_params(params, "model", "data", "lora", "train", "distributed")
-    mlflow.log_metrics(_prior_reports(params))
+    run_view.log_dataset("train", params.data.train_path)
+    logged = set(mlflow.get_run(mlflow.active_run().info.run_id).data.metrics)
+    mlflow.log_metrics(_prior_reports(params, logged))
 
 
 def _finish(params, trainer, result, model, rows, seconds, world, run_id, resumed_from, extra=None) -> dict:
@@ -283,9 +289,12 @@ def _finish(params, trainer, result, model, rows, seconds, world, run_id, resume
         "cost_usd": round(gpu_hours * params.cost.gpu_hour_usd, 4),
         **(extra or {}),
     }
+    # The loss and the speed are the per-step series of the health log (train.loss, train.tokens_per_s):
+    # their run averages stay in train.json, not as a second name or a step-0 point of the same quantity.
     tracking.log_metrics({f"train.{k}": float(v) for k, v in summary.items()
-                          if isinstance(v, int | float) and k != "steps"})
+                          if isinstance(v, int | float) and k not in SERIES_SUMMARIES})
     write_text(params.report("train_log.csv"), _csv(rows))
     write_json(params.report("train.json"), summary)
+    tracking.log_files(params.report("train.json"), params.report("train_log.csv"))
     shutil.rmtree(params.train.checkpoint_dir, ignore_errors=True)
     return summary
