@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 from support.browser import browser_page, screenshot
-from support.project import REPO, tiny_params
+from support.project import tiny_params
 from support.services import Service, free_port, wait_http
 
 from tasks import run_stage
 from tuneline import registry, run_view, tracking
 from tuneline.atomic import read_json
-
-SHOTS = REPO / "tests" / "artifacts"
 
 # --- MLflow UI
 
@@ -94,7 +92,7 @@ def test_mlflow_run_list_shows_distinct_names_outcomes_and_datasets(mlflow_ui):
         page.keyboard.press("Escape")
         expect(page.get_by_text(re.compile(r"^promoted v1\b"))).to_be_visible()
         expect(page.get_by_text(re.compile(r"^rejected: rouge_l "))).to_be_visible()
-        print(f"screenshot: {screenshot(page, SHOTS, 'mlflow-run-list')}")
+        print(f"screenshot: {screenshot(page, 'mlflow-run-list')}")
 
 
 def test_mlflow_run_page_shows_outcome_datasets_and_the_eval_table(mlflow_ui):
@@ -111,7 +109,7 @@ def test_mlflow_run_page_shows_outcome_datasets_and_the_eval_table(mlflow_ui):
         expect(page.get_by_text(train, exact=True)).to_be_visible()  # "Datasets"
         page.get_by_text("+1", exact=True).click()  # the second dataset is behind "+1"
         expect(page.get_by_text(evals, exact=True)).to_be_visible()
-        print(f"screenshot: {screenshot(page, SHOTS, 'mlflow-run-page')}")
+        print(f"screenshot: {screenshot(page, 'mlflow-run-page')}")
 
         page.goto(_ml(f"{run_page}/artifacts"))
         page.get_by_text("reports", exact=True).click()
@@ -123,4 +121,4 @@ def test_mlflow_run_page_shows_outcome_datasets_and_the_eval_table(mlflow_ui):
         expect(headers).to_have_text(["metric", "candidate", "base", "champion"])
         for metric in ("perplexity", "rouge_l", "exact_match"):  # one row each: the models side by side
             expect(page.get_by_role("row", name=re.compile(rf"^{metric} \S+ \S+ no champion yet$"))).to_be_visible()
-        print(f"screenshot: {screenshot(page, SHOTS, 'mlflow-eval-table')}")
+        print(f"screenshot: {screenshot(page, 'mlflow-eval-table')}")

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 CHROMIUM = Path("/usr/bin/chromium")
+SHOTS = Path(__file__).resolve().parents[1] / "artifacts"  # tests/artifacts/ (git ignores it): what each UI test saw
 # Without these, chromium keeps calling Google's hosts, which this closed network refuses, many at a time.
 QUIET_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
@@ -30,8 +31,8 @@ def browser_page(width: int = 1400, height: int = 1000) -> Iterator:
             browser.close()
 
 
-def screenshot(page, folder: Path, name: str) -> Path:
-    """A full-page PNG of what the test saw, kept as a test artifact."""
+def screenshot(page, name: str, folder: Path = SHOTS) -> Path:
+    """A full-page PNG of what the test saw, kept as a test artifact (tests/artifacts/NAME.png)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
