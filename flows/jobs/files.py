@@ -1,0 +1,99 @@
+"""Uploaded files: stored once per content hash, written atomically, their JSON Lines format checked.
+
+An upload streams into a temp file beside its final place while it is hashed and counted (over
+`jobs.max_file_bytes` it stops at once), is checked line by line with validate's own record checks
+(format guessed from the first record), then renamed to `<sha256>.jsonl` under `jobs.files_dir`. The
+same content uploaded twice, by anyone, is one file on disk and two file ids. Deleting an id removes
+the content once no id refers to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from tasks.validate.records import check_file
+from tuneline.atomic import write_text
+from tuneline.config import Validate
+from tuneline.errors import DataError, TunelineError
+from tuneline.formats import FIELDS
+
+CHUNK = 1 << 20
+
+
+class TooLarge(TunelineError):
+    def __init__(self, limit: int):
+        super().__init__(f"the file is over this server's limit of {limit} bytes (jobs.max_file_bytes)")
+
+
+def guess_format(first_line: bytes) -> str | None:
+    """The format whose required fields the first record has, chat and preference first (their keys are
+    the most telling); None when no format fits, and check_file then says what is wrong."""
+    try:
+        record = json.loads(first_line.decode("utf-8-sig"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    for fmt in ("chat", "preference", "instruction", "completion"):
+        if all(name in record for name, (required, _) in FIELDS[fmt].items() if required):
+            return fmt
+    return None
+
+
+class FileStore:
+    """Content-addressed JSON Lines files in one folder."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, blob: str) -> Path:
+        return self.root / blob
+
+    def put(self, chunks: Iterable[bytes], filename: str, limit: int, cfg: Validate) -> dict:
+        """Store an upload; {blob, bytes, format, records}. TooLarge over `limit`; DataError (naming
+        `filename`, the line and the field) when it is not JSON Lines of a known format."""
+        tmp = self.root / f".upload.tmp-{os.getpid()}-{os.urandom(6).hex()}"
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(limit)
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            fmt, records = self._check(tmp, filename, cfg)
+            blob = f"{digest.hexdigest()}.jsonl"
+            os.replace(tmp, self.path(blob))  # the same bytes, if already there: replacing them changes nothing
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"blob": blob, "bytes": size, "format": fmt, "records": records}
+
+    def put_text(self, text: str, suffix: str) -> str:
+        """A file the server makes (a job's metrics CSV); its blob name."""
+        blob = f"{hashlib.sha256(text.encode()).hexdigest()}{suffix}"
+        write_text(self.path(blob), text)
+        return blob
+
+    @staticmethod
+    def _check(path: Path, filename: str, cfg: Validate) -> tuple[str, int]:
+        with open(path, "rb") as f:
+            first = f.readline().strip()
+        fmt = guess_format(first) or "instruction"
+        try:
+            return fmt, len(check_file(path, fmt, cfg))
+        except DataError as e:
+            raise DataError(filename, e.line, e.field, e.rule) from None
+
+    def read(self, blob: str) -> bytes:
+        return self.path(blob).read_bytes()
+
+    def remove(self, blob: str) -> None:
+        self.path(blob).unlink(missing_ok=True)
