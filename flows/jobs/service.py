@@ -128,7 +128,7 @@ class JobService:
     # ------------------------------------------------------------ jobs: create, validate, submit
 
     def create_job(self, tenant: str, body: dict[str, Any]) -> dict[str, Any]:
-        method = _method(body)
+        method = parse_method(body)
         training = self.file(tenant, body["training_file"], "training_file")
         if body.get("validation_file"):
             self.file(tenant, body["validation_file"], "validation_file")
@@ -343,18 +343,17 @@ class JobService:
             params = self.job_params(job)
             for task in runs.stage_runs(job["flow_run_id"]):
                 stage, state = task.name.rsplit("-", 1)[0], task.state.name if task.state else "Pending"
-                when = task.end_time or task.start_time or task.created
+                when = (task.end_time or task.start_time or task.created).timestamp()
                 seconds = f" in {task.total_run_time.total_seconds():.1f}s" if task.end_time else ""
                 level = "error" if state in ("Failed", "Crashed") else "info"
                 message = f"stage {stage}: {state}{seconds}" + (f": {task.state.message}" if level == "error" else "")
-                timeline.append((int(when.timestamp()), f"ftevent-{job_id[6:18]}-{stage}-{state.lower()}",
-                                 level, message))
-                if stage == "train":
+                timeline.append((when, f"ftevent-{job_id[6:18]}-{stage}-{state.lower()}", level, message))
+                if stage == "train" and task.start_time:  # the steps come between train's start and its end
                     rows = results.train_rows(params)
                     for i, (lvl, line) in enumerate(results.health_lines(rows, params.train.loss_spike_factor)):
-                        timeline.append((int(when.timestamp()), f"ftevent-{job_id[6:18]}-train-{i}", lvl, line))
-        timeline.sort(key=lambda e: e[0])  # stable: within a second, the order they were added
-        data = [{"id": id_, "object": "fine_tuning.job.event", "created_at": at, "level": level, "message": msg,
+                        timeline.append((task.start_time.timestamp(), f"ftevent-{job_id[6:18]}-train-{i}", lvl, line))
+        timeline.sort(key=lambda e: e[0])  # stable: at one instant, the order they were added
+        data = [{"id": id_, "object": "fine_tuning.job.event", "created_at": int(at), "level": level, "message": msg,
                  "type": "message", "data": {}} for at, id_, level, msg in reversed(timeline)]
         return page(data, after, limit)
 
@@ -377,7 +376,7 @@ def file_object(row: dict[str, Any]) -> dict[str, Any]:
             "filename": row["filename"], "purpose": row["purpose"], "status": "processed", "status_details": None}
 
 
-def _method(body: dict[str, Any]) -> dict[str, Any]:
+def parse_method(body: dict[str, Any]) -> dict[str, Any]:
     """The job's `method`, from `method` or the older top-level `hyperparameters`; unknown keys refused."""
     method = body.get("method") or {"type": "supervised"}
     kind = method.get("type", "supervised")

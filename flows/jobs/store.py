@@ -15,6 +15,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Float,
     Integer,
     MetaData,
     String,
@@ -65,7 +66,7 @@ events = Table(
     "events", metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("job_id", String(64), nullable=False, index=True),
-    Column("created_at", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),  # to the microsecond: events interleave with Prefect's
     Column("level", String(16), nullable=False),
     Column("message", Text, nullable=False),
 )
@@ -160,7 +161,7 @@ class Store:
     # ------------------------------------------------------------ events
 
     def add_event(self, job_id: str, message: str, level: str = "info") -> None:
-        self._write(events.insert().values(job_id=job_id, created_at=now(), level=level, message=message))
+        self._write(events.insert().values(job_id=job_id, created_at=time.time(), level=level, message=message))
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         return self._all(select(events).where(events.c.job_id == job_id).order_by(events.c.seq))

@@ -26,6 +26,7 @@ import sys
 import time
 import uuid
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -156,13 +157,14 @@ def test_files_upload_list_retrieve_content_delete_and_limits(endpoint, data):
 @pytest.mark.slow
 def test_tenants_see_only_their_own_and_hit_their_limits(endpoint, data):
     acme, globex = _client(endpoint), _client(endpoint, "globex", retries=0)
-    for stranger in (_client(endpoint, None, retries=0),
-                     openai.OpenAI(base_url=endpoint, api_key="", max_retries=0, default_headers={
-                         "Authorization": ""})):
-        with pytest.raises(openai.AuthenticationError):
-            stranger.files.list()
-        with pytest.raises(openai.AuthenticationError):
-            stranger.fine_tuning.jobs.list()
+    wrong = _client(endpoint, None, retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.files.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.fine_tuning.jobs.list()
+    for path in ("files", "fine_tuning/jobs"):  # no key at all (the client refuses to send none)
+        r = httpx.get(f"{endpoint}/{path}")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     train = data["train"].id
     with pytest.raises(openai.NotFoundError):
         globex.files.retrieve(train)
@@ -188,7 +190,7 @@ def test_tenants_see_only_their_own_and_hit_their_limits(endpoint, data):
     assert not {j.id for j in jobs} & {j.id for j in acme.fine_tuning.jobs.list()}
 
     initech = _client(endpoint, "initech", retries=0)
-    chunk = _jsonl(_records(500, 7))
+    chunk = _jsonl(_records(350, 7))
     assert MAX_TENANT_BYTES / 2 < len(chunk) <= MAX_FILE_BYTES
     initech.files.create(file=("a.jsonl", chunk), purpose="fine-tune")
     with pytest.raises(openai.RateLimitError) as full:
@@ -208,7 +210,7 @@ def test_overlapping_validation_file_fails_at_validating_files(endpoint, data):
     job = _poll(client, job.id, FINAL, timeout=120, seen=seen)
     assert job.status == "failed" and "queued" not in seen
     assert job.error.code == "invalid_validation_file" and job.error.param == "validation_file"
-    assert job.error.message.startswith(f"{valid.id}:6: field 'instruction': train/eval overlap rate")
+    assert job.error.message.startswith(f"{valid.id}:6: field 'instruction+input': train/eval overlap rate")
     assert f"{data['train'].id} line 8" in job.error.message
 
 
