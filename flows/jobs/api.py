@@ -17,9 +17,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 
+from flows.jobs import tenants
 from flows.jobs.files import TooLarge
-from flows.jobs.service import APIProblem, JobService
-from flows.jobs.tenants import tenant_of
+from flows.jobs.service import JobService
+from flows.jobs.wire import APIProblem, file_object
 from serving.api import error_response
 
 MULTIPART_SLACK = 64 << 10  # the multipart envelope around the file: headers, boundaries, the purpose field
@@ -27,12 +28,11 @@ MULTIPART_SLACK = 64 << 10  # the multipart envelope around the file: headers, b
 
 class _Bound:
     service: JobService | None = None
-    digests: dict[str, str] = {}
 
 
-def bind(service: JobService, digests: dict[str, str]) -> None:
-    """Give this process's routes their service and the API keys' digests ({sha256: tenant})."""
-    _Bound.service, _Bound.digests = service, digests
+def bind(service: JobService) -> None:
+    """Give this process's routes their service."""
+    _Bound.service = service
 
 
 def service() -> JobService:
@@ -42,7 +42,7 @@ def service() -> JobService:
 
 
 def tenant(authorization: Annotated[str | None, Header()] = None) -> str:
-    found = tenant_of(authorization, _Bound.digests)
+    found = tenants.tenant(authorization, service().tenant_keys)
     if found is None:
         raise APIProblem(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None,
                          "invalid_api_key")
@@ -114,31 +114,29 @@ async def upload(request: Request, who: Tenant):
     filename, data = fields["file"]
     purpose = fields["purpose"][1].decode("utf-8", "replace").strip()
     try:
-        return svc.upload(who, filename or "upload.jsonl", purpose, [data])
+        return svc.files.upload(who, filename or "upload.jsonl", purpose, [data])
     except TooLarge as e:
         raise APIProblem(413, str(e), "file", "file_too_large") from None
 
 
 @files_api.get("")
 def list_files(who: Tenant, purpose: str | None = None, after: After = None, limit: Limit = 10_000):
-    return service().list_files(who, purpose, after, limit)
+    return service().files.list(who, purpose, after, limit)
 
 
 @files_api.get("/{file_id}")
 def retrieve_file(file_id: str, who: Tenant):
-    from flows.jobs.service import file_object
-
-    return file_object(service().file(who, file_id))
+    return file_object(service().files.get(who, file_id))
 
 
 @files_api.delete("/{file_id}")
 def delete_file(file_id: str, who: Tenant):
-    return service().delete_file(who, file_id)
+    return service().files.delete(who, file_id)
 
 
 @files_api.get("/{file_id}/content")
 def file_content(file_id: str, who: Tenant):
-    return Response(service().content(who, file_id), media_type="application/octet-stream")
+    return Response(service().files.content(who, file_id), media_type="application/octet-stream")
 
 
 # ---------------------------------------------------------------- /v1/fine_tuning

@@ -1,4 +1,4 @@
-"""Uploaded files: stored once per content hash, written atomically, their JSON Lines format checked.
+"""`/v1/files`: uploads stored once per content hash, written atomically, their JSON Lines format checked.
 
 An upload streams into a temp file beside its final place while it is hashed and counted (over
 `jobs.max_file_bytes` it stops at once), is checked line by line with validate's own record checks
@@ -12,14 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+from flows.jobs.store import Store, now
+from flows.jobs.wire import APIProblem, file_object, not_found, page
 from tasks.validate.records import check_file
 from tuneline.atomic import write_text
-from tuneline.config import Validate
+from tuneline.config import Jobs, Validate
 from tuneline.errors import DataError, TunelineError
 from tuneline.formats import FIELDS
+
+UPLOAD_PURPOSES = {"fine-tune"}
+RESULTS_PURPOSE = "fine-tune-results"
 
 CHUNK = 1 << 20
 
@@ -97,3 +104,60 @@ class FileStore:
 
     def remove(self, blob: str) -> None:
         self.path(blob).unlink(missing_ok=True)
+
+
+class Files:
+    """The `/v1/files` of each tenant: its rows in the store, their content in the FileStore."""
+
+    def __init__(self, store: Store, blobs: FileStore, cfg: Jobs, validate: Validate):
+        self.store, self.blobs, self.cfg, self.validate = store, blobs, cfg, validate
+
+    def upload(self, tenant: str, filename: str, purpose: str, chunks: Iterable[bytes]) -> dict[str, Any]:
+        if purpose not in UPLOAD_PURPOSES:
+            raise APIProblem(400, f"purpose {purpose!r} is not supported here; use 'fine-tune'", "purpose")
+        try:
+            stored = self.blobs.put(chunks, filename, self.cfg.max_file_bytes, self.validate)
+        except DataError as e:
+            raise APIProblem(400, f"invalid file: {e}", "file", "invalid_file") from None
+        used, limit = self.store.tenant_bytes(tenant), self.cfg.max_tenant_bytes
+        if used + stored["bytes"] > limit:
+            if not self.store.blob_in_use(stored["blob"]):
+                self.blobs.remove(stored["blob"])
+            raise APIProblem(429, f"upload limit reached: this tenant stores {used} bytes, and {stored['bytes']} "
+                                  f"more would pass its limit of {limit} (jobs.max_tenant_bytes); delete files first",
+                             "file", "upload_limit_exceeded")
+        return file_object(self._add(tenant, filename, purpose, stored))
+
+    def add_result(self, tenant: str, filename: str, text: str) -> str:
+        """A file the server made for a tenant (a job's metrics CSV); its id."""
+        blob = self.blobs.put_text(text, ".csv")
+        stored = {"blob": blob, "bytes": self.blobs.path(blob).stat().st_size, "format": "csv", "records": None}
+        return self._add(tenant, filename, RESULTS_PURPOSE, stored)["id"]
+
+    def _add(self, tenant: str, filename: str, purpose: str, stored: dict[str, Any]) -> dict[str, Any]:
+        row = {"id": f"file-{secrets.token_hex(12)}", "tenant": tenant, "filename": filename, "purpose": purpose,
+               "created_at": now(), **stored}
+        self.store.add_file(row)
+        return row
+
+    def get(self, tenant: str, file_id: str, param: str | None = None) -> dict[str, Any]:
+        row = self.store.file(tenant, file_id)
+        if row is None:
+            raise not_found("file", file_id, param)
+        return row
+
+    def list(self, tenant: str, purpose: str | None, after: str | None, limit: int) -> dict[str, Any]:
+        return page([file_object(r) for r in self.store.files(tenant, purpose)], after, limit)
+
+    def delete(self, tenant: str, file_id: str) -> dict[str, Any]:
+        row = self.get(tenant, file_id)
+        self.store.delete_file(file_id)
+        if not self.store.blob_in_use(row["blob"]):
+            self.blobs.remove(row["blob"])
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    def content(self, tenant: str, file_id: str) -> bytes:
+        return self.blobs.read(self.get(tenant, file_id)["blob"])
+
+    def path(self, row: dict[str, Any]) -> Path:
+        return self.blobs.path(row["blob"])

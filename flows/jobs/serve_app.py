@@ -33,7 +33,7 @@ def _bind_service(project: str, params_path: str, prefect_api_url: str, digests:
     os.environ["PREFECT_API_URL"] = prefect_api_url
     from flows.jobs.service import JobService
 
-    bind(JobService(Path(project), Path(params_path), background=background), digests)
+    bind(JobService(Path(project), Path(params_path), digests, background=background))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)

@@ -8,19 +8,14 @@ serving endpoint is open without `serving.api_key_env`.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 from pathlib import Path
 
+from serving.ingress import key_digest, tenant_of
 from tuneline.config import Jobs
 from tuneline.errors import TunelineError
 
 OPEN_TENANT = "default"
-
-
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _pairs(text: str, sep: str, where: str) -> dict[str, str]:
@@ -32,7 +27,7 @@ def _pairs(text: str, sep: str, where: str) -> dict[str, str]:
         tenant, colon, key = item.partition(":")
         if not colon or not tenant.strip() or not key.strip():
             raise TunelineError(f"{where}: item {n}: expected `tenant: key`")
-        found[digest(key.strip())] = tenant.strip()
+        found[key_digest(key.strip())] = tenant.strip()
     return found
 
 
@@ -47,15 +42,6 @@ def key_digests(cfg: Jobs, project: Path) -> dict[str, str]:
     return keys
 
 
-def tenant_of(authorization: str | None, digests: dict[str, str]) -> str | None:
+def tenant(authorization: str | None, digests: dict[str, str]) -> str | None:
     """The tenant of a `Bearer <key>` header; None for no key or a wrong one."""
-    if not digests:
-        return OPEN_TENANT
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme != "Bearer" or not token:
-        return None
-    wanted = digest(token.strip())
-    for known, tenant in digests.items():
-        if hmac.compare_digest(known, wanted):
-            return tenant
-    return None
+    return tenant_of(authorization, digests) if digests else OPEN_TENANT

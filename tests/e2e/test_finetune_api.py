@@ -10,6 +10,7 @@ One server for the module; the scenarios run in order, the jobs one at a time (t
    naming the file, the line and the field;
 4. a job from create to `succeeded`, its API process SIGKILLed while it runs: the status sequence, the
    registered model, trained tokens, the metrics CSV, stage and training events, checkpoints;
+   then chat with its `fine_tuned_model` on the same endpoint, which only its tenant sees;
 5. a job cancelled while it runs: `cancelled`, its Prefect run cancelled, no model registered.
 """
 
@@ -267,8 +268,23 @@ def test_job_succeeds_through_an_api_process_kill(endpoint, data, project):
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [12, 6]  # saved every 3 steps, logged every 2: newest first
     assert all(c.metrics.train_loss > 0 for c in checkpoints)
-    listed = client.fine_tuning.jobs.list(limit=1)
-    assert listed.data[0].id == job.id and listed.has_more
+    everyone = [j.id for j in client.fine_tuning.jobs.list(limit=100)]
+    first = client.fine_tuning.jobs.list(limit=1)
+    assert everyone[0] == first.data[0].id == job.id and first.has_more == (len(everyone) > 1)
+
+    # The model serves on the same endpoint, for its tenant only, with no champion deployed.
+    deadline = time.monotonic() + 240
+    while job.fine_tuned_model not in {m.id for m in client.models.list()}:
+        assert time.monotonic() < deadline, [e.message for e in client.fine_tuning.jobs.list_events(job.id)]
+        time.sleep(1)
+    answer = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4, temperature=0,
+                                            messages=[{"role": "user", "content": "Which word is a fruit?"}])
+    assert answer.model == job.fine_tuned_model and answer.usage.completion_tokens >= 1
+    globex = _client(endpoint, "globex", retries=0)
+    assert job.fine_tuned_model not in {m.id for m in globex.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        globex.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
+                                       messages=[{"role": "user", "content": "Which word is a fruit?"}])
 
 
 @pytest.mark.slow

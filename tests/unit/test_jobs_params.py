@@ -6,7 +6,7 @@ import pytest
 from support.project import REPO
 
 from flows.jobs import runs
-from flows.jobs.service import APIProblem, parse_method
+from flows.jobs.wire import APIProblem, parse_method
 from flows.parameters import resolve_params
 from tuneline.config import load_params
 
