@@ -69,6 +69,10 @@ def _with_errors(app: FastAPI) -> FastAPI:
     def _http(request: Request, exc: HTTPException):
         return error_response(exc.status_code, str(exc.detail))
 
+    @app.exception_handler(Exception)
+    def _failed(request: Request, exc: Exception):
+        return error_response(500, f"the server failed: {type(exc).__name__}: {str(exc)[-500:]}")
+
     return app
 
 
