@@ -236,8 +236,8 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
     except TunelineError as e:
         reason = f"switching traffic to {candidate} failed: {e}"
         try:
-            if current:
-                _deploy(_router_app(params, served_name, current["active_app"], current["version"], **beside),
+            if current or beside.get("fine_tuned"):  # back to what the router held: a champion, fine-tuned models
+                _deploy(_router_app(params, served_name, info.get("active_app"), info.get("version"), **beside),
                         cfg.app_name, "/")
                 _wait_running(cfg.app_name, time.monotonic() + cfg.health_timeout_s, "the router, switched back")
             else:
