@@ -20,6 +20,7 @@ from typing import Any
 from flows.jobs.store import Store, now
 from flows.jobs.wire import APIProblem, file_object, not_found, page
 from tasks.validate.records import check_file
+from tuneline import s3
 from tuneline.atomic import write_text
 from tuneline.config import Jobs, Validate
 from tuneline.errors import DataError, TunelineError
@@ -52,14 +53,28 @@ def guess_format(first_line: bytes) -> str | None:
 
 
 class FileStore:
-    """Content-addressed JSON Lines files in one folder."""
+    """Content-addressed files in one folder, or under an S3 prefix (`s3://bucket/prefix`): then the folder
+    is that prefix's local cache (tuneline/s3.py), each file is uploaded once checked (S3 stores an object
+    whole or not at all), and a process that lacks one fetches it."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path | str):
+        self.uri = root if s3.is_remote(root) else None
+        self.root = s3.cache_path(str(root)) if self.uri else Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, blob: str) -> Path:
-        return self.root / blob
+        """The file on this machine (fetched from S3 when it is not here)."""
+        local = self.root / blob
+        return local if local.exists() or not self.uri else s3.fetch(self.location(blob))
+
+    def location(self, blob: str) -> Path | str:
+        """Where a job's flow run reads it: the local file, or its s3:// URI."""
+        return f"{self.uri.rstrip('/')}/{blob}" if self.uri else self.root / blob
+
+    def _publish(self, blob: str) -> None:
+        if self.uri:
+            bucket, key = s3.split_uri(str(self.location(blob)))
+            s3.client().upload_file(str(self.root / blob), bucket, key)
 
     def put(self, chunks: Iterable[bytes], filename: str, limit: int, cfg: Validate) -> dict:
         """Store an upload; {blob, bytes, format, records}. TooLarge over `limit`; DataError (naming
@@ -78,7 +93,8 @@ class FileStore:
                 os.fsync(out.fileno())
             fmt, records = self._check(tmp, filename, cfg)
             blob = f"{digest.hexdigest()}.jsonl"
-            os.replace(tmp, self.path(blob))  # the same bytes, if already there: replacing them changes nothing
+            os.replace(tmp, self.root / blob)  # the same bytes, if already there: replacing them changes nothing
+            self._publish(blob)
         finally:
             tmp.unlink(missing_ok=True)
         return {"blob": blob, "bytes": size, "format": fmt, "records": records}
@@ -86,7 +102,8 @@ class FileStore:
     def put_text(self, text: str, suffix: str) -> str:
         """A file the server makes (a job's metrics CSV); its blob name."""
         blob = f"{hashlib.sha256(text.encode()).hexdigest()}{suffix}"
-        write_text(self.path(blob), text)
+        write_text(self.root / blob, text)
+        self._publish(blob)
         return blob
 
     @staticmethod
@@ -103,7 +120,10 @@ class FileStore:
         return self.path(blob).read_bytes()
 
     def remove(self, blob: str) -> None:
-        self.path(blob).unlink(missing_ok=True)
+        (self.root / blob).unlink(missing_ok=True)
+        if self.uri:
+            bucket, key = s3.split_uri(str(self.location(blob)))
+            s3.client().delete_object(Bucket=bucket, Key=key)
 
 
 class Files:
@@ -161,3 +181,6 @@ class Files:
 
     def path(self, row: dict[str, Any]) -> Path:
         return self.blobs.path(row["blob"])
+
+    def location(self, row: dict[str, Any]) -> Path | str:
+        return self.blobs.location(row["blob"])

@@ -51,8 +51,8 @@ def job_dir(params: Params, project: Path, job_id: str) -> Path:
     return (root if root.is_absolute() else project / root) / job_id
 
 
-def job_sets(params: Params, project: Path, job: dict[str, Any], train_path: Path,
-             eval_path: Path | None, data_format: str, base: str | None) -> list[str]:
+def job_sets(params: Params, project: Path, job: dict[str, Any], train_path: Path | str,
+             eval_path: Path | str | None, data_format: str, base: str | None) -> list[str]:
     """The job's params as dotted KEY=VALUE items (values in JSON, which YAML reads back unchanged)."""
     folder = job_dir(params, project, job["id"])
     method = job["method"]

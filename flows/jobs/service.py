@@ -33,6 +33,7 @@ from flows.jobs.files import Files, FileStore
 from flows.jobs.store import Store, database_url, now
 from flows.jobs.wire import APIProblem, job_object, not_found, page, parse_method
 from flows.parameters import resolve_params
+from tuneline import s3
 from tuneline.config import Params
 from tuneline.errors import DataError
 
@@ -49,7 +50,8 @@ class JobService:
         self.params = resolve_params(self._abs(params_path))
         cfg = self.params.jobs
         self.store = Store(database_url(cfg.database_url, self.project))
-        self.files = Files(self.store, FileStore(self._abs(cfg.files_dir)), cfg, self.params.validate_)
+        files_dir = cfg.files_dir if s3.is_remote(cfg.files_dir) else self._abs(cfg.files_dir)
+        self.files = Files(self.store, FileStore(files_dir), cfg, self.params.validate_)
         # One job validated at a time (the Great Expectations suite is not known to be thread-safe); a model
         # going live (a minute, at times) in a thread of its own, so that it holds no validation up.
         self.validating = ThreadPoolExecutor(1, thread_name_prefix="validate") if background else None
@@ -106,7 +108,8 @@ class JobService:
         """validating_files -> queued (or failed, naming the file, line and field)."""
         job = self.store.job(None, job_id)
         try:
-            sets = self._validate(job)
+            self._validate(job)
+            sets = self._sets(job)
             if self.store.job(None, job_id)["cancel_requested"]:
                 self._finish(job_id, "cancelled", "Job cancelled before it was queued")
                 return
@@ -123,8 +126,8 @@ class JobService:
                                          "param": None})
             self.store.add_event(job_id, f"the job could not be queued: {type(e).__name__}: {e}", "error")
 
-    def _validate(self, job: dict[str, Any]) -> list[str]:
-        """Validate's checks on the job's files (writing nothing); the job's params as `sets`."""
+    def _validate(self, job: dict[str, Any]) -> None:
+        """Validate's checks on the job's files, writing nothing."""
         from tasks.validate import validate_paths
 
         paths, formats = {}, {}
@@ -153,19 +156,20 @@ class JobService:
                 rule = rule.replace(path, file_id)
             raise APIProblem(400, f"{where}: {'field ' + repr(e.field) + ': ' if e.field else ''}{rule}",
                              param, f"invalid_{param}") from None
-        return runs.job_sets(self.params, self.project, job, paths["training_file"], paths.get("validation_file"),
-                             fmt, self._base_model(job["model"]))
 
     # ------------------------------------------------------------ jobs: state from Prefect and the job's folder
 
-    def job_params(self, job: dict[str, Any]) -> Params:
-        """The job's params as its flow run resolves them (the project's params.yaml + the job's values)."""
+    def _sets(self, job: dict[str, Any]) -> list[str]:
+        """The job's values for its flow run (runs.job_sets); a file deleted since reads as a missing path."""
         train = self.store.file(job["tenant"], job["training_file"])
         valid = self.store.file(job["tenant"], job["validation_file"]) if job["validation_file"] else None
-        sets = runs.job_sets(self.params, self.project, job, self.files.path(train) if train else Path("-"),
-                             self.files.path(valid) if valid else None,
+        return runs.job_sets(self.params, self.project, job, self.files.location(train) if train else Path("-"),
+                             self.files.location(valid) if valid else None,
                              train["format"] if train else "instruction", self._base_model(job["model"]))
-        return resolve_params(self._abs(self.params_path), None, sets)
+
+    def job_params(self, job: dict[str, Any]) -> Params:
+        """The job's params as its flow run resolves them (the project's params.yaml + the job's values)."""
+        return resolve_params(self._abs(self.params_path), None, self._sets(job))
 
     def _refresh(self, job: dict[str, Any]) -> dict[str, Any]:
         """The job with its status read from Prefect; on reaching a final state, its results stored."""

@@ -338,3 +338,25 @@ def test_jobs_database_on_postgresql_survives_a_new_connection(postgres):
     again = Store(url)  # what a restarted API process opens
     assert again.job("acme", "ftjob-1")["metadata"] == {"team": "nlp"} and again.job("globex", "ftjob-1") is None
     assert again.tenant_bytes("acme") == 10 and [e["message"] for e in again.events("ftjob-1")] == ["queued"]
+
+
+def test_api_uploads_go_to_s3_once_checked(aws):
+    """jobs.files_dir on S3 (flows/jobs/files.py): an upload is checked, then one object per content hash; a
+    process without the local copy fetches it; deleting removes the object."""
+    from flows.jobs.files import FileStore
+    from tuneline.config import Validate
+    from tuneline.errors import DataError
+
+    uri = f"s3://{DATA}/api-files"
+    data = b'{"instruction": "Which word is a fruit?", "input": "pear dog", "output": "pear"}\n'
+    store = FileStore(uri)
+    with pytest.raises(DataError):
+        store.put([data + b"{not json\n"], "bad.jsonl", 10_000, Validate())
+    assert aws.list_objects_v2(Bucket=DATA, Prefix="api-files/")["KeyCount"] == 0  # a bad file never lands
+    blob = store.put([data], "t.jsonl", 10_000, Validate())["blob"]
+    assert store.location(blob) == f"{uri}/{blob}"
+    assert aws.get_object(Bucket=DATA, Key=f"api-files/{blob}")["Body"].read() == data
+    shutil.rmtree(store.root)  # another machine: no local copy
+    assert FileStore(uri).path(blob).read_bytes() == data
+    store.remove(blob)
+    assert aws.list_objects_v2(Bucket=DATA, Prefix="api-files/")["KeyCount"] == 0

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from tuneline.config.sections import Section
+from tuneline.config.sections import PathOrURI, Section
 
 
 class ServedAdapter(Section):
@@ -82,7 +82,8 @@ class Jobs(Section):
     database_url: str = Field("sqlite:///jobs.db", description=(
         "SQLAlchemy URL of the jobs database: SQLite in the project by default, or postgresql://... (the same "
         "kind of URL as MLflow's backend store); credentials belong in the environment, see README"))
-    files_dir: Path = Field(Path("data/files"), description="uploaded files, by content hash (DVC-tracked data)")
+    files_dir: PathOrURI = Field(Path("data/files"), description=(
+        "uploaded files, by content hash: a folder in the DVC-tracked data, or s3://bucket/prefix"))
     jobs_dir: Path = Field(Path("jobs"), description="one folder per job: its data, models and reports")
     max_file_bytes: int = Field(64 << 20, gt=0, description="a larger upload gets 413")
     max_tenant_bytes: int = Field(1 << 30, gt=0, description="a tenant's stored uploads; beyond it, 429")
