@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ class JobService:
         # going live (a minute, at times) in a thread of its own, so that it holds no validation up.
         self.validating = ThreadPoolExecutor(1, thread_name_prefix="validate") if background else None
         self.serving = ThreadPoolExecutor(1, thread_name_prefix="serve") if background else None
+        self.finishing = threading.Lock()
         if self.validating is not None:  # jobs the last process was validating when it stopped: validate them again
             for job in self.store.jobs(statuses={"validating_files"}):
                 self.validating.submit(self._prepare, job["id"])
@@ -192,7 +194,13 @@ class JobService:
         return self.store.job(None, job["id"])
 
     def _finish(self, job_id: str, status: str, message: str) -> None:
-        job = self.store.job(None, job_id)
+        with self.finishing:  # two requests may see the run end at once: one of them records it
+            job = self.store.job(None, job_id)
+            if job["status"] not in runs.FINAL:
+                self._record_end(job, status, message)
+
+    def _record_end(self, job: dict[str, Any], status: str, message: str) -> None:
+        job_id = job["id"]
         values: dict[str, Any] = {"status": status, "finished_at": now()}
         if status == "succeeded":
             params = self.job_params(job)
@@ -206,8 +214,6 @@ class JobService:
             if model:
                 self.store.add_event(job_id, f"New fine-tuned model created: {model} (registered "
                                              f"models:/{found['model_name']}/{found['version']})")
-                if self.serving is not None:
-                    self.serving.submit(self._serve_model, job_id)
             else:
                 why = "; ".join(found["reasons"]) or f"gate decision {found['decision']!r}"
                 self.store.add_event(job_id, f"The gate rejected the candidate, so no model was registered: {why}",
@@ -219,6 +225,8 @@ class JobService:
         else:
             self.store.add_event(job_id, "The job was cancelled" + (f": {message}" if message else ""))
         self.store.update_job(job_id, **values)
+        if (values.get("result") or {}).get("fine_tuned_model") and self.serving is not None:
+            self.serving.submit(self._serve_model, job_id)
 
     def _serve_model(self, job_id: str) -> None:
         """Put a succeeded job's model live beside the champion (serving/switch.py), for its tenant only."""

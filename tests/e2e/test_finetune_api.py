@@ -264,11 +264,15 @@ def test_job_succeeds_through_an_api_process_kill(endpoint, data, project):
     assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]  # 96 records / 8, logged every 2 steps
     assert all(float(r["train_loss"]) > 0 for r in rows)
 
-    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
-    assert events[0] == "The job has successfully completed"
-    for line in ("stage validate: Completed", "stage train: Completed", "stage merge: Completed",
-                 "step 12: loss", f"New fine-tuned model created: {job.fine_tuned_model}"):
-        assert any(e.startswith(line) for e in events), (line, events)
+    events = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]  # newest first
+
+    def newest(prefix: str) -> int:
+        return next(i for i, e in enumerate(events) if e.startswith(prefix))
+
+    order = ["The job has successfully completed", f"New fine-tuned model created: {job.fine_tuned_model}",
+             "stage merge: Completed", "stage train: Completed", "step 12: loss", "step 2: loss",
+             "stage validate: Completed", "Files validated; job queued", "Validating training file"]
+    assert [newest(line) for line in order] == sorted(newest(line) for line in order), events
     page = client.fine_tuning.jobs.list_events(job.id, limit=3)
     assert len(page.data) == 3 and page.has_more
 
