@@ -20,7 +20,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-serve_app = typer.Typer(help="Control the Ray Serve endpoint that `deploy` started.", no_args_is_help=True)
+serve_app = typer.Typer(help="The Ray Serve endpoint: start it (with the fine-tuning API), its status, roll back, "
+                        "stop.", no_args_is_help=True)
 app.add_typer(serve_app, name="serve")
 data_app = typer.Typer(help="Version data with DVC: push it to the DVC remote (S3 or a folder), pull it back.",
                        no_args_is_help=True)
@@ -151,6 +152,18 @@ def validate(paths: Annotated[list[Path], typer.Argument(help="JSON Lines files 
             typer.echo(f"ok: {path}: {n} {fmt} records")
 
     _exit(guarded(check))
+
+
+@serve_app.command("start")
+def serve_start(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Bring the serving endpoint up (serving.host:port) with the fine-tuning API on it, no model needed.
+
+    `/v1/files` and `/v1/fine_tuning/jobs`, as the `openai` client calls them (see the README's "Fine-tuning
+    through the OpenAI API"). Jobs run on Prefect: PREFECT_API_URL, else this project's server and worker,
+    started as `tuneline prefect up` does. `deploy` adds the champion on the same endpoint."""
+    from flows.jobs import serve_app
+
+    _exit(guarded(lambda: _echo(serve_app.start(load_params(params), params))))
 
 
 @serve_app.command("status")

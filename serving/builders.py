@@ -75,9 +75,11 @@ def build_model_app(model: str, template: str, serving: Serving, tracking_uri: s
     return model_server(model, template, serving, tracking_uri)
 
 
-def build_router_app(served_name: str, serving: Serving, active_app: str, version: str | None = None):
-    """The router alone, sending traffic to the ModelServer of application `active_app`."""
-    return router_deployment(served_name, serving, active_app=active_app, version=version).bind()
+def build_router_app(served_name: str, serving: Serving, active_app: str | None, version: str | None = None,
+                     **beside):
+    """The router alone, sending traffic to the ModelServer of application `active_app` (None: no champion
+    yet), and `beside` (fine_tuned, tenant_keys) to the fine-tuned models' applications (serving/router.py)."""
+    return router_deployment(served_name, serving, active_app=active_app, version=version, **beside).bind()
 
 
 # What a Serve config may set of `serving`; the rest (host, port, app_name, ...) belongs to the deploy stage.

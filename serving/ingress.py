@@ -102,11 +102,24 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def tenant_of(authorization: str | None, tenant_keys: dict[str, str]) -> str | None:
+    """The tenant whose key (its SHA-256 in `tenant_keys`) a `Bearer <key>` header carries, else None."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme != "Bearer" or not token:
+        return None
+    wanted = key_digest(token.strip())
+    return next((t for known, t in tenant_keys.items() if hmac.compare_digest(known, wanted)), None)
+
+
 def authorize(authorization: str | None = Header(None)) -> None:
-    """A route dependency, so it runs before the body is validated: a keyless caller learns that first."""
-    digest = _router().api_key_sha256
+    """A route dependency, so it runs before the body is validated: a keyless caller learns that first.
+    The serving key passes, and so does a tenant's key of the fine-tuning API."""
+    router = _router()
+    digest = router.api_key_sha256
     if not digest:
         return
     scheme, _, token = (authorization or "").partition(" ")
-    if not (scheme == "Bearer" and hmac.compare_digest(key_digest(token), digest)):
+    if scheme == "Bearer" and hmac.compare_digest(key_digest(token), digest):
+        return
+    if tenant_of(authorization, router.tenant_keys) is None:
         raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")

@@ -4,9 +4,11 @@
 OpenAI routes: validation, OpenAI formatting, metrics. It holds a handle to the ModelServer that
 serves (bound to it, or the one of the version application its config names); it knows no model,
 so it can point at any version. Requests that name an adapter go to an AdapterServer
-(serving/adapters.py) by Serve's model multiplexing. A plain request whose model replica dies under
-it (killed, its node lost) goes once more, to a replica that lives: generation has no side effects,
-so the client sees a success, not a 500.
+(serving/adapters.py) by Serve's model multiplexing. Fine-tuned models of the fine-tuning API run beside
+the champion, each a version application of its own (config `fine_tuned`: name -> app, tenant, version);
+only their tenant's API keys (config `tenant_keys`: SHA-256 -> tenant) see and use them. A plain
+request whose model replica dies under it (killed, its node lost) goes once more, to a replica that
+lives: generation has no side effects, so the client sees a success, not a 500.
 
 `router_deployment` gives the Router its config (`user_config`), which `Router.reconfigure` reads.
 """
@@ -16,7 +18,7 @@ import logging
 import os
 import time
 
-from fastapi import Depends
+from fastapi import Depends, Header
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
@@ -36,7 +38,7 @@ from serving.api import (
     to_spec,
     usage_chunk,
 )
-from serving.ingress import api, authorize, key_digest
+from serving.ingress import api, authorize, key_digest, tenant_of
 from serving.model_server import DRAIN_TIMEOUT_S, MODEL_DEPLOYMENT
 from tuneline.config import Serving
 
@@ -79,8 +81,11 @@ class Router:
         self.max_request_bytes = int(config["max_request_bytes"])
         self.active_app = config.get("active_app")
         self.model = serve.get_deployment_handle(MODEL_DEPLOYMENT, self.active_app) if self.active_app else self.bound
-        if self.model is None:
-            raise ValueError("Router: bind a ModelServer or name config['active_app']")
+        self.fine_tuned, self.tenant_keys = dict(config.get("fine_tuned") or {}), dict(config.get("tenant_keys") or {})
+        self.fine_tuned_handles = {name: serve.get_deployment_handle(MODEL_DEPLOYMENT, m["app"])
+                                   for name, m in self.fine_tuned.items()}
+        if self.model is None and not self.fine_tuned:
+            raise ValueError("Router: bind a ModelServer, name config['active_app'] or serve fine-tuned models")
         self.adapters = {name: self.model.options(multiplexed_model_id=name) for name in config.get("adapters", [])}
         if config.get("version") != self.version:
             self.stats, self.model_info = Stats(), None
@@ -88,13 +93,18 @@ class Router:
         self.created = int(time.time())
 
     def info(self) -> dict:
-        """For the deploy stage, through a handle: where traffic goes now."""
-        return {"active_app": self.active_app, "version": self.version, "served_name": self.served_name}
+        """For the deploy stage, through a handle: where traffic goes now, and the fine-tuned models beside."""
+        return {"active_app": self.active_app, "version": self.version, "served_name": self.served_name,
+                "fine_tuned": self.fine_tuned, "tenant_keys": self.tenant_keys}
 
     async def _model_info(self) -> dict:
-        if self.model_info is None:
+        if self.model_info is None and self.model is not None:
             self.model_info = await self.model.info.remote()
-        return self.model_info
+        return self.model_info or {}
+
+    def _visible(self, name: str, authorization: str | None) -> bool:
+        """A fine-tuned model is its tenant's: with tenant keys, only a key of that tenant sees it."""
+        return not self.tenant_keys or tenant_of(authorization, self.tenant_keys) == self.fine_tuned[name]["tenant"]
 
     async def _version(self) -> str:
         return str(self.version or (await self._model_info()).get("version") or "")
@@ -112,11 +122,13 @@ class Router:
             self.ttft.observe(ttft, tags=tags)
 
     @api.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models(self):
+    async def models(self, authorization: str | None = Header(None)):
         card = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "tuneline"}
         loaded = await self.model.loaded_adapters.remote() if self.adapters else {}  # of the replica that answered
         cards = [{**card, "id": name, "parent": self.served_name, "loaded": name in loaded} for name in self.adapters]
-        return {"object": "list", "data": [card, *cards]}
+        tuned = [{**card, "id": name, "owned_by": m["tenant"]} for name, m in self.fine_tuned.items()
+                 if self._visible(name, authorization)]
+        return {"object": "list", "data": [*([card] if self.model is not None else []), *cards, *tuned]}
 
     @api.get("/v1/metrics", dependencies=[Depends(authorize)])
     async def metrics(self):
@@ -126,21 +138,26 @@ class Router:
                 "model": info, **self.stats.snapshot()}
 
     @api.post("/v1/completions", dependencies=[Depends(authorize)])
-    async def completions(self, req: CompletionRequest):
-        return await self._serve(req, chat=False)
+    async def completions(self, req: CompletionRequest, authorization: str | None = Header(None)):
+        return await self._serve(req, chat=False, authorization=authorization)
 
     @api.post("/v1/chat/completions", dependencies=[Depends(authorize)])
-    async def chat_completions(self, req: ChatRequest):
-        return await self._serve(req, chat=True)
+    async def chat_completions(self, req: ChatRequest, authorization: str | None = Header(None)):
+        return await self._serve(req, chat=True, authorization=authorization)
 
-    async def _serve(self, req: CompletionRequest | ChatRequest, chat: bool):
+    async def _serve(self, req: CompletionRequest | ChatRequest, chat: bool, authorization: str | None = None):
         start = time.perf_counter()
-        if req.model is not None and req.model != self.served_name and req.model not in self.adapters:
-            served = ", ".join(map(repr, [self.served_name, *self.adapters]))
+        tuned = req.model in self.fine_tuned and self._visible(req.model, authorization)
+        champion = self.model is not None and (req.model is None or req.model == self.served_name
+                                               or req.model in self.adapters)
+        if not (tuned or champion):
+            names = [self.served_name] * (self.model is not None) + list(self.adapters)
+            names += [n for n in self.fine_tuned if self._visible(n, authorization)]
+            served = ", ".join(map(repr, names)) or "nothing yet"
             raise APIError(404, f"model {req.model!r} is not served here; this server serves {served}",
                            "model", "model_not_found")
         spec = {**to_spec(req, self.max_tokens_limit), "model": req.model or self.served_name}
-        version = await self._version()
+        version = str(self.fine_tuned[req.model]["version"]) if tuned else await self._version()
         headers = {VERSION_HEADER: version} if version else {}
         route = "chat" if chat else "completions"
         if req.stream:
@@ -154,7 +171,7 @@ class Router:
         return JSONResponse(completion_body(head(chat, spec["model"], False), gen, chat), headers=headers)
 
     def _model(self, spec: dict) -> DeploymentHandle:
-        return self.adapters.get(spec["model"], self.model)
+        return self.fine_tuned_handles.get(spec["model"]) or self.adapters.get(spec["model"], self.model)
 
     async def _generate(self, spec: dict) -> dict:
         try:

@@ -53,19 +53,29 @@ def version_apps(params: Params) -> list[str]:
     return [name for name in serve.status().applications if name.startswith(prefix)]
 
 
-def live(params: Params) -> dict | None:
-    """Where the router sends traffic now: {"active_app", "version", "served_name"}, or None."""
+def router_info(params: Params) -> dict:
+    """What the router holds: {"active_app", "version", "served_name", "fine_tuned", "tenant_keys"}; {} if none."""
     from ray import serve
 
     app = params.serving.app_name
     if app not in serve.status().applications:
-        return None
+        return {}
     try:
-        info = serve.get_app_handle(app).info.remote().result(timeout_s=30)
+        return serve.get_app_handle(app).info.remote().result(timeout_s=30)
     except Exception as e:  # noqa: BLE001 - an app of another layout, or one that is down: no router to keep
         log.warning(f"[deploy] app {app!r} does not answer as a Tuneline router ({type(e).__name__}); replacing it")
-        return None
+        return {}
+
+
+def live(params: Params) -> dict | None:
+    """Where the router sends traffic now: {"active_app", "version", "served_name", ...}, or None."""
+    info = router_info(params)
     return info if info.get("active_app") else None
+
+
+def _beside(info: dict) -> dict:
+    """The router config that a switch of the champion keeps: the fine-tuned models and their tenants' keys."""
+    return {key: info[key] for key in ("fine_tuned", "tenant_keys") if info.get(key)}
 
 
 def _app_status(app: str):
@@ -167,10 +177,10 @@ def _delete(name: str) -> None:
         serve.delete(name, _blocking=True)
 
 
-def _router_app(params: Params, served_name: str, active_app: str, version: str):
+def _router_app(params: Params, served_name: str, active_app: str | None, version: str | None, **beside):
     from serving.builders import build_router_app
 
-    return build_router_app(served_name, params.serving, active_app, version)
+    return build_router_app(served_name, params.serving, active_app, version, **beside)
 
 
 def _check_key(params: Params) -> None:
@@ -197,7 +207,8 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
     deadline = time.monotonic() + cfg.health_timeout_s
     cluster.connect(params)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    current = live(params)
+    info = router_info(params)
+    current, beside = (info if info.get("active_app") else None), _beside(info)
     serving_version = current["version"] if current else None
     candidate = f"{cfg.app_name}-v{version}"
     if current and current["active_app"] == candidate:  # a re-deploy of what serves: a second slot beside it
@@ -219,14 +230,14 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
     # 3-4: the router points at the candidate (old router replicas drain), then the public route proves it.
     switch_start = time.monotonic()
     try:
-        _deploy(_router_app(params, served_name, candidate, version), cfg.app_name, "/")
+        _deploy(_router_app(params, served_name, candidate, version, **beside), cfg.app_name, "/")
         _wait_running(cfg.app_name, deadline, f"the router ({cfg.app_name})")
         _verify_public(params, version, deadline)
     except TunelineError as e:
         reason = f"switching traffic to {candidate} failed: {e}"
         try:
-            if current:
-                _deploy(_router_app(params, served_name, current["active_app"], current["version"]),
+            if current or beside.get("fine_tuned"):  # back to what the router held: a champion, fine-tuned models
+                _deploy(_router_app(params, served_name, info.get("active_app"), info.get("version"), **beside),
                         cfg.app_name, "/")
                 _wait_running(cfg.app_name, time.monotonic() + cfg.health_timeout_s, "the router, switched back")
             else:
@@ -250,3 +261,34 @@ def promote(params: Params, served_name: str, version: str, model_uri: str) -> d
     return {"app": candidate, "previous_version": serving_version,
             "previous_app": current["active_app"] if current else None,
             "health_check_s": round(latency, 3), "switch_s": round(switch_s, 2)}
+
+
+def serve_beside(params: Params, name: str, version: str, model_uri: str, tenant: str,
+                 tenant_keys: dict[str, str]) -> str:
+    """Serve registered `model_uri` as model `name` of `tenant` beside the champion, which keeps serving.
+
+    The version starts as an application of its own (`{app}-ft-<name>`), must answer a real generation,
+    then the router is redeployed with it added (the champion's traffic moves over to the new router
+    replicas as in a switch); with no champion yet, the router serves the fine-tuned models alone.
+    Returns the application's name; TunelineError if it did not start (then it is removed)."""
+    from serving.builders import absolute_tracking_uri, build_model_app
+
+    cfg = params.serving
+    deadline = time.monotonic() + cfg.health_timeout_s
+    cluster.connect(params)
+    app = f"{cfg.app_name}-ft-{name.replace(':', '-')}"
+    try:
+        _deploy(build_model_app(model_uri, params.data.template, cfg,
+                                absolute_tracking_uri(params.registry.tracking_uri)), app, None)
+        _wait_running(app, deadline, f"fine-tuned model {name} ({app})")
+        health_check(app, deadline)
+    except TunelineError:
+        _delete(app)
+        raise
+    info = router_info(params)
+    fine_tuned = {**info.get("fine_tuned", {}), name: {"app": app, "tenant": tenant, "version": version}}
+    _deploy(_router_app(params, info.get("served_name") or params.registry.model_name, info.get("active_app"),
+                        info.get("version"), fine_tuned=fine_tuned, tenant_keys=tenant_keys), cfg.app_name, "/")
+    _wait_running(cfg.app_name, deadline, f"the router ({cfg.app_name}) with {name} beside")
+    log.info(f"[serve] fine-tuned model {name} serves beside {info.get('active_app') or 'no champion'}")
+    return app

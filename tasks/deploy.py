@@ -80,6 +80,10 @@ def run(params: Params) -> dict:
     gate = _read_report(params, "gate.json", "gate")
     if gate.get("decision") != "promote":
         return _skip(params, gate)
+    if not params.serving.deploy:
+        write_json(params.report("deploy.json"), {"skipped": True, "reason": "serving.deploy is false"})
+        log.info("[deploy] skipped: serving.deploy is false; the registered version is not put live here")
+        return {"skipped": True}
 
     merge = _read_report(params, "merge.json", "merge")
     missing = [k for k in MERGE_KEYS if not merge.get(k)]

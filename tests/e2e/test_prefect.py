@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from support.prefect_server import prefect_env, prefect_server
+from support.prefect_server import prefect_env, prefect_server, tuneline_cli
 from support.project import tiny_params
 from support.services import free_port
 
@@ -53,12 +53,6 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 # ---------------------------------------------------------------- a real server, a worker, a project
 
-
-def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=prefect_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"tuneline {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +81,11 @@ def server(project):
 def up(project, server):
     """`tuneline prefect up`: finds the server running, creates the pool, deploys, starts a worker."""
     root, _ = project
-    proc = _cli("prefect", "up", cwd=root)
+    proc = tuneline_cli("prefect", "up", cwd=root)
     state = json.loads((root / ".prefect" / "state.json").read_text())
     assert state["api_url"] == server and state["server_pid"] is None  # not ours: `down` leaves it alone
     yield proc.stdout
-    _cli("prefect", "down", cwd=root)
+    tuneline_cli("prefect", "down", cwd=root)
     assert not local._alive(state["worker_pid"]) or _zombie(state["worker_pid"])
 
 
@@ -269,7 +263,7 @@ def test_data_push_event_starts_an_on_demand_run(project, up):
     subprocess.run([sys.executable, "-m", "dvc", "remote", "add", "-d", "local", str(root.parent / "dvc-remote")],
                    cwd=root, check=True, env=prefect_env())
     shutil.copytree(root / "data" / "raw", root / "data" / "own")
-    out = _cli("data", "push", "data/own", cwd=root).stdout
+    out = tuneline_cli("data", "push", "data/own", cwd=root).stdout
     digest = out.split("pushed data/own: ", 1)[1].split()[0]
     assert "event tuneline.data.updated sent to" in out
 

@@ -320,3 +320,43 @@ def test_basic_auth_ini_holds_no_secret():
     assert auth["database_uri"].startswith("postgresql") and auth["default_permission"] == "READ"
     assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
     assert not (REPO / "mlflow" / "__init__.py").exists()  # never shadow the mlflow package
+
+
+def test_jobs_database_on_postgresql_survives_a_new_connection(postgres):
+    """The fine-tuning API's store (flows/jobs/store.py) on PostgreSQL: tables made, rows back in a new engine."""
+    from flows.jobs.store import Store, now
+
+    url = f"postgresql+psycopg://mlflow@{postgres['PGHOST']}:{postgres['PGPORT']}/mlflow"
+    first = Store(url)
+    first.add_file({"id": "file-1", "tenant": "acme", "filename": "t.jsonl", "purpose": "fine-tune", "bytes": 10,
+                    "blob": "ab.jsonl", "format": "chat", "records": 1, "created_at": now()})
+    first.add_job({"id": "ftjob-1", "tenant": "acme", "created_at": now(), "status": "queued", "model": "m",
+                   "training_file": "file-1", "seed": 3, "metadata": {"team": "nlp"},
+                   "method": {"type": "supervised"}, "cancel_requested": 0})
+    first.add_event("ftjob-1", "queued")
+    first.engine.dispose()
+    again = Store(url)  # what a restarted API process opens
+    assert again.job("acme", "ftjob-1")["metadata"] == {"team": "nlp"} and again.job("globex", "ftjob-1") is None
+    assert again.tenant_bytes("acme") == 10 and [e["message"] for e in again.events("ftjob-1")] == ["queued"]
+
+
+def test_api_uploads_go_to_s3_once_checked(aws):
+    """jobs.files_dir on S3 (flows/jobs/files.py): an upload is checked, then one object per content hash; a
+    process without the local copy fetches it; deleting removes the object."""
+    from flows.jobs.files import FileStore
+    from tuneline.config import Validate
+    from tuneline.errors import DataError
+
+    uri = f"s3://{DATA}/api-files"
+    data = b'{"instruction": "Which word is a fruit?", "input": "pear dog", "output": "pear"}\n'
+    store = FileStore(uri)
+    with pytest.raises(DataError):
+        store.put([data + b"{not json\n"], "bad.jsonl", 10_000, Validate())
+    assert aws.list_objects_v2(Bucket=DATA, Prefix="api-files/")["KeyCount"] == 0  # a bad file never lands
+    blob = store.put([data], "t.jsonl", 10_000, Validate())["blob"]
+    assert store.location(blob) == f"{uri}/{blob}"
+    assert aws.get_object(Bucket=DATA, Key=f"api-files/{blob}")["Body"].read() == data
+    shutil.rmtree(store.root)  # another machine: no local copy
+    assert FileStore(uri).path(blob).read_bytes() == data
+    store.remove(blob)
+    assert aws.list_objects_v2(Bucket=DATA, Prefix="api-files/")["KeyCount"] == 0

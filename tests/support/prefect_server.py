@@ -45,3 +45,11 @@ def prefect_server(folder: Path, port: int, ui: bool = False) -> Iterator[str]:
             yield url
     finally:
         local.stop_process_group(proc.pid)
+
+
+def tuneline_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`tuneline ARGS` in `cwd` with prefect_env(), as a user's shell runs it; fails the test when it fails."""
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=prefect_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"tuneline {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from tuneline.config.operations import LogRange, Orchestration, ServedAdapter, Serving, ServingAdapters, Sweep
+from tuneline.config.operations import Jobs, LogRange, Orchestration, ServedAdapter, Serving, ServingAdapters, Sweep
 from tuneline.config.sections import (
     Bootstrap,
     Cost,
@@ -36,7 +36,7 @@ from tuneline.config.sections import (
 from tuneline.errors import TunelineError
 
 __all__ = ["DEFAULT_PARAMS", "Bootstrap", "ConfigError", "Cost", "Data", "DeepSpeed", "Distributed", "Evaluate",
-           "Gate", "LogRange", "Lora", "Merge", "ModelSpec", "Orchestration", "Params", "PathOrURI", "Registry",
+           "Gate", "Jobs", "LogRange", "Lora", "Merge", "ModelSpec", "Orchestration", "Params", "PathOrURI", "Registry",
            "Section", "ServedAdapter", "Serving", "ServingAdapters", "Sweep", "TinyModel", "Train", "Validate",
            "file_overrides", "load_params", "parse_overrides"]
 
@@ -64,6 +64,7 @@ class Params(Section):
     serving: Serving = Serving()
     orchestration: Orchestration = Orchestration()
     sweep: Sweep = Sweep()
+    jobs: Jobs = Jobs()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     # Not a key of params.yaml: the MLflow run of the pipeline run these params belong to, set by whoever opened

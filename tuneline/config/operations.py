@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from tuneline.config.sections import Section
+from tuneline.config.sections import PathOrURI, Section
 
 
 class ServedAdapter(Section):
@@ -50,6 +50,8 @@ class Serving(Section):
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
     gpus_per_replica: float = Field(0, ge=0, description="0: auto, 1 if the cluster has a GPU, else 0")
     adapters: ServingAdapters = ServingAdapters()
+    deploy: bool = Field(True, description="false: the deploy stage puts nothing live (fine-tuning jobs of the "
+                                           "API: their models are served beside the champion, not as it)")
 
     @model_validator(mode="after")
     def _replica_range(self) -> Serving:
@@ -72,6 +74,26 @@ class Orchestration(Section):
     server_port: int = Field(4200, gt=0, lt=65536)
     mlflow_ui_url: str | None = Field(None, description="base of MLflow links in run reports; null: the "
                                                         "tracking URI if http(s), else mlflow ui's address")
+
+
+class Jobs(Section):
+    """The fine-tuning API (flows/jobs/): uploaded files, jobs, tenants and their limits."""
+
+    database_url: str = Field("sqlite:///jobs.db", description=(
+        "SQLAlchemy URL of the jobs database: SQLite in the project by default, or postgresql://... (the same "
+        "kind of URL as MLflow's backend store); credentials belong in the environment, see README"))
+    files_dir: PathOrURI = Field(Path("data/files"), description=(
+        "uploaded files, by content hash: a folder in the DVC-tracked data, or s3://bucket/prefix"))
+    jobs_dir: Path = Field(Path("jobs"), description="one folder per job: its data, models and reports")
+    max_file_bytes: int = Field(64 << 20, gt=0, description="a larger upload gets 413")
+    max_tenant_bytes: int = Field(1 << 30, gt=0, description="a tenant's stored uploads; beyond it, 429")
+    max_running_jobs: int = Field(2, gt=0, description="a tenant's jobs not yet final; beyond it, 429")
+    keys_env: str = Field("TUNELINE_API_KEYS", description="env var of `tenant:key` pairs, comma-separated")
+    keys_file: Path | None = Field(None, description="a file of `tenant: key` lines, outside the repo; "
+                                                     "no keys at all: one open tenant, `default`")
+    base_models: dict[str, str] = Field(default_factory=dict, description=(
+        "the `model` names a job may ask for beyond the default (model.base and registry.model_name): "
+        "name -> local folder, s3:// prefix or Hugging Face id"))
 
 
 class LogRange(Section):
