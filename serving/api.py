@@ -12,8 +12,11 @@ import time
 from collections import Counter, deque
 from typing import Annotated, Any, Literal
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 VERSION_HEADER = "x-tuneline-version"  # which model version answered; the promotion test reads it
@@ -40,6 +43,35 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     kind = "invalid_request_error" if status < 500 else "server_error"
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def openai_errors(app: FastAPI, respond=error_response) -> FastAPI:
+    """Every error of `app` as an OpenAI error body, through `respond(status, message, param, code)`: an APIError
+    as raised, a body that fails validation 400 naming its fields, an HTTPException its status, anything else 500
+    with the exception's text (never a traceback)."""
+
+    @app.exception_handler(APIError)
+    def _api_error(request: Request, exc: APIError):
+        return respond(exc.status, exc.message, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid_request(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            return respond(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', '')}")
+        fields = [[str(p) for p in e["loc"] if p != "body"] for e in errors]
+        message = "; ".join(f"{'.'.join(f) or 'body'}: {e['msg']}" for f, e in zip(fields, errors, strict=True))
+        return respond(400, message, fields[0][0] if fields and fields[0] else None)
+
+    @app.exception_handler(HTTPException)
+    def _http_error(request: Request, exc: HTTPException):
+        return respond(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    def _server_error(request: Request, exc: Exception):
+        return respond(500, f"the server failed: {type(exc).__name__}: {str(exc)[-500:]}")
+
+    return app
 
 
 def _encodable(text: str) -> str:

@@ -10,13 +10,10 @@ import hashlib
 import hmac
 
 from fastapi import FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
 from ray import serve
 from starlette.exceptions import HTTPException
 
-from serving.api import APIError, error_response
-
-api = FastAPI(title="Tuneline", docs_url=None, redoc_url=None)
+from serving.api import APIError, error_response, openai_errors
 
 
 def _router():
@@ -29,29 +26,7 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     return error_response(status, message, param, code)
 
 
-@api.exception_handler(APIError)
-def _api_error(request: Request, exc: APIError):
-    return _error(exc.status, exc.message, exc.param, exc.code)
-
-
-@api.exception_handler(RequestValidationError)
-def _invalid_request(request: Request, exc: RequestValidationError):
-    errors = exc.errors()
-    if errors and errors[0]["type"] == "json_invalid":
-        return _error(400, f"malformed JSON body: {errors[0].get('ctx', {}).get('error', '')}")
-    fields = [[str(p) for p in e["loc"] if p != "body"] for e in errors]
-    message = "; ".join(f"{'.'.join(f) or 'body'}: {e['msg']}" for f, e in zip(fields, errors, strict=True))
-    return _error(400, message, param=fields[0][0] if fields and fields[0] else None)
-
-
-@api.exception_handler(HTTPException)
-def _http_error(request: Request, exc: HTTPException):
-    return _error(exc.status_code, str(exc.detail))
-
-
-@api.exception_handler(Exception)
-def _server_error(request: Request, exc: Exception):
-    return _error(500, f"the server failed: {type(exc).__name__}: {str(exc)[-500:]}")
+api = openai_errors(FastAPI(title="Tuneline", docs_url=None, redoc_url=None), _error)
 
 
 class BodyTooLarge(HTTPException):

@@ -13,15 +13,13 @@ import email.policy
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Header, Query, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.exceptions import HTTPException
 
 from flows.jobs import tenants
 from flows.jobs.files import TooLarge
 from flows.jobs.service import JobService
 from flows.jobs.wire import APIProblem, file_object
-from serving.api import error_response
+from serving.api import openai_errors
 
 MULTIPART_SLACK = 64 << 10  # the multipart envelope around the file: headers, boundaries, the purpose field
 
@@ -54,30 +52,8 @@ After = Annotated[str | None, Query()]
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 
 
-def _with_errors(app: FastAPI) -> FastAPI:
-    @app.exception_handler(APIProblem)
-    def _problem(request: Request, exc: APIProblem):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
-
-    @app.exception_handler(RequestValidationError)
-    def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if p != "body")
-        return error_response(400, f"{where or 'body'}: {first['msg']}", where or None)
-
-    @app.exception_handler(HTTPException)
-    def _http(request: Request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    def _failed(request: Request, exc: Exception):
-        return error_response(500, f"the server failed: {type(exc).__name__}: {str(exc)[-500:]}")
-
-    return app
-
-
-files_api = _with_errors(FastAPI(title="Tuneline files", docs_url=None, redoc_url=None))
-jobs_api = _with_errors(FastAPI(title="Tuneline fine-tuning", docs_url=None, redoc_url=None))
+files_api = openai_errors(FastAPI(title="Tuneline files", docs_url=None, redoc_url=None))
+jobs_api = openai_errors(FastAPI(title="Tuneline fine-tuning", docs_url=None, redoc_url=None))
 
 
 # ---------------------------------------------------------------- /v1/files

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from serving.api import APIError
 from tuneline.errors import TunelineError
 
 HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multiplier"),
@@ -11,12 +12,9 @@ HYPERPARAMETERS = {"supervised": ("n_epochs", "batch_size", "learning_rate_multi
 INTEGERS = ("n_epochs", "batch_size")
 
 
-class APIProblem(TunelineError):
-    """A request the API refuses: an HTTP status and an OpenAI error body."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+class APIProblem(TunelineError, APIError):
+    """A request the API refuses: an HTTP status and an OpenAI error body (serving.api.APIError's), and a
+    TunelineError, so that the same checks can refuse a job's files outside a request."""
 
 
 def not_found(what: str, id_: str, param: str | None = None) -> APIProblem:
