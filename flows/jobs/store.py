@@ -40,6 +40,7 @@ files = Table(
     Column("format", String(32)),
     Column("records", Integer),
     Column("created_at", Integer, nullable=False),
+    Column("created_ns", BigInteger, nullable=False),  # the list's order: two made in one second keep theirs
 )
 
 jobs = Table(
@@ -47,6 +48,7 @@ jobs = Table(
     Column("id", String(64), primary_key=True),
     Column("tenant", String(128), nullable=False, index=True),
     Column("created_at", Integer, nullable=False),
+    Column("created_ns", BigInteger, nullable=False),  # the list's order, newest first, as OpenAI's
     Column("status", String(32), nullable=False),
     Column("model", Text, nullable=False),
     Column("training_file", String(64), nullable=False),
@@ -114,7 +116,7 @@ class Store:
     # ------------------------------------------------------------ files
 
     def add_file(self, row: dict[str, Any]) -> None:
-        self._write(files.insert().values(**row))
+        self._write(files.insert().values(**row, created_ns=time.time_ns()))
 
     def file(self, tenant: str, file_id: str) -> dict[str, Any] | None:
         return self._one(select(files).where(files.c.id == file_id, files.c.tenant == tenant))
@@ -123,7 +125,7 @@ class Store:
         query = select(files).where(files.c.tenant == tenant)
         if purpose:
             query = query.where(files.c.purpose == purpose)
-        return self._all(query.order_by(files.c.created_at.desc(), files.c.id.desc()))
+        return self._all(query.order_by(files.c.created_ns.desc()))
 
     def tenant_bytes(self, tenant: str) -> int:
         with self.engine.connect() as c:
@@ -139,7 +141,7 @@ class Store:
     # ------------------------------------------------------------ jobs
 
     def add_job(self, row: dict[str, Any]) -> None:
-        self._write(jobs.insert().values(**row))
+        self._write(jobs.insert().values(**row, created_ns=time.time_ns()))
 
     def job(self, tenant: str | None, job_id: str) -> dict[str, Any] | None:
         query = select(jobs).where(jobs.c.id == job_id)
@@ -153,7 +155,7 @@ class Store:
             query = query.where(jobs.c.tenant == tenant)
         if statuses:
             query = query.where(jobs.c.status.in_(statuses))
-        return self._all(query.order_by(jobs.c.created_at.desc(), jobs.c.id.desc()))
+        return self._all(query.order_by(jobs.c.created_ns.desc()))
 
     def update_job(self, job_id: str, **values: Any) -> None:
         self._write(jobs.update().where(jobs.c.id == job_id).values(**values))

@@ -70,6 +70,7 @@ def project(tmp_path_factory):
 @pytest.fixture(scope="module")
 def endpoint(project):
     """Prefect server + `tuneline prefect up` (pool, deployments, worker) + `serve start`; the base URL."""
+    import ray
     from ray import serve
 
     from flows.jobs import serve_app
@@ -83,6 +84,7 @@ def endpoint(project):
             yield started["endpoint"]
         finally:
             serve.shutdown()
+            ray.shutdown()  # the local cluster this process started (ray_address local); later modules start theirs
             tuneline_cli("prefect", "down", cwd=root)
 
 
