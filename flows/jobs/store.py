@@ -30,7 +30,7 @@ from sqlalchemy.engine import Engine
 metadata = MetaData()
 
 files = Table(
-    "files", metadata,
+    "tuneline_files", metadata,
     Column("id", String(64), primary_key=True),
     Column("tenant", String(128), nullable=False, index=True),
     Column("filename", Text, nullable=False),
@@ -44,7 +44,7 @@ files = Table(
 )
 
 jobs = Table(
-    "jobs", metadata,
+    "tuneline_jobs", metadata,
     Column("id", String(64), primary_key=True),
     Column("tenant", String(128), nullable=False, index=True),
     Column("created_at", Integer, nullable=False),
@@ -65,7 +65,7 @@ jobs = Table(
 )
 
 events = Table(
-    "events", metadata,
+    "tuneline_events", metadata,
     Column("seq", Integer, primary_key=True, autoincrement=True),
     Column("job_id", String(64), nullable=False, index=True),
     Column("created_at", Float, nullable=False),  # to the microsecond: events interleave with Prefect's
