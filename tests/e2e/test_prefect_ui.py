@@ -9,7 +9,6 @@ tiny project (`tuneline prefect deploy`'s code), and one in-process pipeline run
 from __future__ import annotations
 
 import re
-import time
 import uuid
 
 import pytest
@@ -75,23 +74,6 @@ def test_run_form_shows_the_tuned_knobs_with_params_yaml_values(prefect_ui):
                 assert shown.strip() == expected, (name, shown)
 
 
-def _wait_for_task_runs(run_id, skipped: int, timeout: float = 180) -> None:
-    """Until the server holds the run's task runs, `skipped` of them Skipped. Task runs reach it as events, sent
-    by a background thread of this process: on a busy machine the flow returns well before they are in."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    deadline, states = time.monotonic() + timeout, []
-    while time.monotonic() < deadline:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
-        states = [r.state_name for r in runs]
-        if states.count("Skipped") >= skipped:
-            return
-        time.sleep(1)
-    raise AssertionError(f"the server did not get the run's task runs within {timeout}s: {states}")
-
-
 @pytest.mark.slow
 def test_a_rejected_run_says_so_and_its_report_comes_first(prefect_ui):
     from flows.finetune import finetune_from_params
@@ -100,16 +82,10 @@ def test_a_rejected_run_says_so_and_its_report_comes_first(prefect_ui):
     state = finetune_from_params(params_path=str(root / "params.yaml"), return_state=True)
     assert state.name == "Rejected", state.message
     run_id = state.state_details.flow_run_id
-    _wait_for_task_runs(run_id, skipped=2)
     with browser_page() as page:
         page.goto(f"{ui}/runs/flow-run/{run_id}")
         page.get_by_text("Rejected", exact=True).first.wait_for()  # the state badge
         print(f"screenshot: {screenshot(page, 'prefect-rejected-run')}")
-
-        page.locator("li.p-tab", has_text="Task Runs").click()
-        page.get_by_text("Skipped", exact=True).first.wait_for()
-        print(f"screenshot: {screenshot(page, 'prefect-rejected-run-task-runs')}")
-        assert page.get_by_text("Skipped", exact=True).count() == 2  # merge and deploy
 
         page.locator("li.p-tab", has_text="Artifacts").click()
         page.get_by_text("finetune-tuneline-default").first.click()

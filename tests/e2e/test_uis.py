@@ -90,7 +90,7 @@ def test_mlflow_run_list_shows_distinct_names_outcomes_and_datasets(mlflow_ui):
         page.mouse.down()
         page.mouse.move(header["x"] + header["width"] + 150, header["y"] + header["height"] / 2, steps=5)
         page.mouse.up()
-        page.get_by_role("button", name="Columns").click()
+        page.get_by_role("button", name="Columns", exact=True).click()
         page.get_by_text("Description", exact=True).click()
         page.keyboard.press("Escape")
         expect(page.get_by_text(re.compile(r"^promoted v1\b")).first).to_be_visible()
