@@ -1,21 +1,27 @@
-"""Serving bench: Tuneline's Ray Serve app (dynamic batching) against plain `model.generate`, one at a time.
+"""Serving bench: Tuneline's continuous-batching engine against the engine it replaced and the hardware's limit.
 
-For each concurrency level (default 1, 8, 32) a closed loop of that many clients sends completion
-requests of a fixed length (greedy, `ignore_eos`, so every request generates exactly --max-tokens
-tokens) and the bench reports tokens/s and p50/p95 latency for
+One process, one model, the same requests. For each concurrency level (default 1, 8, 32, 128) a closed
+loop of that many clients sends completion requests (greedy, `ignore_eos`: every request generates
+--max-tokens tokens) and the bench reports output tokens/s, time to first token and request latency
+(p50, p95) for
 
-- baseline: the same model in this process, `model.generate` on one request at a time (requests
-  that arrive meanwhile wait their turn: latency includes that wait), and
-- served: serving.builders.build_app on a local Ray cluster (router + ModelServer, @serve.batch) over
-  HTTP, as an OpenAI client would see it,
+- tuneline: serving/generation.py's Engine, in-process (what a model replica runs), with
+  max_batch_size = the highest level;
+- baseline: the engine before it, rebuilt here: `model.generate` over a left-padded batch of the requests
+  waiting when the model is free (up to the same batch size), fixed until its longest row ends;
+- transformers-cb (--with-transformers-cb, GPU): transformers' own continuous batching
+  (`generate_batch`, CUDA graphs on, paged SDPA), fed in waves of `concurrency` requests;
 
-then the ratio served/baseline and the mean batch size the server formed (its /v1/metrics).
+and the limit: one decode step must read every weight once, so at concurrency 1 no engine can beat
+(device copy bandwidth) / (weight bytes) tokens/s. The copy bandwidth (read + write of a 1 GiB buffer) is
+measured here, in this process.
 
-    python bench/serve_bench.py --tiny                 # CPU: the embedded default's base shape, random init
-    python bench/serve_bench.py models/base            # any Hugging Face folder
-    python bench/serve_bench.py --llama-1b             # GPU: a Llama-3.2-1B shape, random init, bf16
+    python bench/serve_bench.py --llama-1b            # GPU: random-init Llama-3.2-1B shape, bf16
+    python bench/serve_bench.py models/base --levels 1,8,32 --max-tokens 32 --prompt-words 16  # CPU
 
-Imports only torch, transformers, ray[serve], httpx (and this repo's serving/ and tasks/).
+Results: bench/results/serve_h200.jsonl (GPU) or serve_cpu.jsonl, one JSON object per engine and level
+{"engine", "concurrency", "output_tokens_per_s", "ttft_p50_s", "ttft_p95_s", "latency_p50_s",
+"latency_p95_s", ...} and one {"limit": true, "weights_gib", "copy_tb_s", "c1_limit_tokens_per_s"}.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import json
 import os
 import random
 import statistics
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -36,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+RESULTS = Path(__file__).resolve().parent / "results"
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
 SEED = 1234
@@ -86,171 +95,256 @@ def prompts(n: int, words: int) -> list[str]:
     return [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n)]
 
 
-async def closed_loop(one, concurrency: int, total: int) -> tuple[list[float], int, float]:
+def quantiles(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    q = statistics.quantiles(ordered, n=20, method="inclusive") if len(ordered) > 1 else ordered * 19
+    return statistics.median(ordered), q[18]
+
+
+def row(engine: str, c: int, tokens: int, wall: float, ttfts: list[float], latencies: list[float], **extra) -> dict:
+    t50, t95 = quantiles(ttfts)
+    l50, l95 = quantiles(latencies)
+    return {"engine": engine, "concurrency": c, "output_tokens_per_s": round(tokens / wall, 1),
+            "ttft_p50_s": round(t50, 4), "ttft_p95_s": round(t95, 4), "latency_p50_s": round(l50, 4),
+            "latency_p95_s": round(l95, 4), "requests": len(latencies), **extra}
+
+
+async def closed_loop(one, concurrency: int, total: int) -> tuple[int, float, list[float], list[float]]:
     """`concurrency` clients, each sending its next request when its last one is answered; `total` in all.
-    Returns the latencies, the completion tokens, and the wall time."""
-    next_i, latencies, tokens = 0, [], 0
+    `one(i)` returns (tokens, time to first token or None). Returns tokens, wall time, ttfts, latencies."""
+    next_i, tokens, ttfts, latencies = 0, 0, [], []
 
     async def client() -> None:
         nonlocal next_i, tokens
         while next_i < total:
             i, next_i = next_i, next_i + 1
             start = time.perf_counter()
-            n = await one(i)  # not `tokens += await ...`: that reads `tokens` before the await
+            n, ttft = await one(i)
             latencies.append(time.perf_counter() - start)
-            tokens += n
+            tokens += n  # not `tokens += await ...`: that reads `tokens` before the await
+            if ttft is not None:
+                ttfts.append(ttft)
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
-    return latencies, tokens, time.perf_counter() - start
+    return tokens, time.perf_counter() - start, ttfts, latencies
 
 
-def summary(latencies: list[float], tokens: int, wall: float) -> dict:
-    ordered = sorted(latencies)
-    q = statistics.quantiles(ordered, n=20, method="inclusive") if len(ordered) > 1 else ordered * 19
-    return {"tokens_per_s": tokens / wall, "p50": statistics.median(ordered), "p95": q[18], "requests": len(ordered)}
-
-
-def run_baseline(model_dir: Path, texts: list[str], levels: list[int], args) -> dict[int, dict]:
-    """Plain `model.generate`, one request at a time, in this process, on the device the server uses."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from serving.model_server import REPLICA_CPUS
-
-    cuda = torch.cuda.is_available()
-    if not cuda:
-        torch.set_num_threads(REPLICA_CPUS)  # the compute a model replica gets
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if cuda else "cpu").eval()
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    def generate(text: str) -> int:
-        ids = tok(text, return_tensors="pt").to(model.device)
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                                 do_sample=False, pad_token_id=pad)
-        if cuda:
+def measure_limit(model) -> dict:
+    """Weight bytes of `model`, and the device's copy bandwidth (bytes read + written per second)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    device = next(model.parameters()).device
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10 if device.type == "cuda" else 3):
+        if device.type == "cuda":
             torch.cuda.synchronize()
-        return out.shape[1] - ids["input_ids"].shape[1]
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    copy = 2 * src.numel() / best
+    del src, dst
+    return {"limit": True, "weights_gib": round(weights / 2**30, 3), "copy_tb_s": round(copy / 1e12, 3),
+            "c1_limit_tokens_per_s": round(copy / weights, 1)}
 
-    async def level(c: int, total: int) -> tuple[list[float], int, float]:
-        lock = asyncio.Lock()
 
-        async def one(i: int) -> int:
-            async with lock:  # one at a time: the others wait, as they would behind a plain server
-                return await asyncio.to_thread(generate, texts[i % len(texts)])
+def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args) -> list[dict]:
+    from serving.generation import Engine
+
+    engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
+                    max_batch_size=max(levels))
+
+    async def level(c: int, total: int):
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int):
+            job = engine.prepare({"kind": "completion", "prompt": texts[i % len(texts)], "max_tokens": args.max_tokens,
+                                  "temperature": 0.0, "ignore_eos": True})
+            future = loop.create_future()
+            engine.submit(job, lambda r, e: loop.call_soon_threadsafe(
+                future.set_exception if e else future.set_result, e or r))
+            result = await future
+            return result["completion_tokens"], result["ttft_s"]
 
         return await closed_loop(one, c, total)
 
-    for t in texts[:2]:
-        generate(t)  # warm-up
-    results = {}
+    asyncio.run(level(min(8, max(levels)), 8))  # warm-up
+    rows = []
     for c in levels:
-        results[c] = summary(*asyncio.run(level(c, max(args.requests, 2 * c))))
-        print(f"baseline  c={c:<3} {fmt(results[c])}", flush=True)
-    model.to("cpu")  # give the GPU to the server
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
-    return results
+        tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
+        rows.append(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on))
+        print(fmt(rows[-1]), flush=True)
+    engine.close()
+    return rows
 
 
-def run_served(model_dir: Path, texts: list[str], levels: list[int], args) -> dict[int, dict]:
-    import httpx
-    import ray
-    from ray import serve
+def run_baseline(model, tok, texts: list[str], levels: list[int], args) -> list[dict]:
+    """The engine before continuous batching: whenever the model is free, every waiting request (up to the
+    batch size) goes into one left-padded `generate`, which runs until its longest row ends."""
+    from transformers import LogitsProcessor, LogitsProcessorList
 
-    from serving.builders import build_app
-    from tuneline.config import Serving
+    tok.padding_side = "left"
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    port = args.port
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app(str(model_dir), "bench", "alpaca", Serving(
-        max_tokens_limit=args.max_tokens, max_prompt_tokens=4096, max_batch_size=args.max_batch_size,
-        batch_wait_timeout_s=args.batch_wait_ms / 1000, target_ongoing_requests=args.max_batch_size))
-    serve.run(app, name="bench", route_prefix="/")
-    url = f"http://127.0.0.1:{port}/v1"
-    results = {}
+    class FirstToken(LogitsProcessor):
+        def __init__(self):
+            self.at = None
 
-    async def level(c: int, total: int) -> tuple[list[float], int, float]:
-        limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
-        async with httpx.AsyncClient(timeout=900, limits=limits) as client:
-            async def one(i: int) -> int:
-                body = {"prompt": texts[i % len(texts)], "max_tokens": args.max_tokens, "temperature": 0,
-                        "ignore_eos": True}
-                r = await client.post(f"{url}/completions", json=body)
-                r.raise_for_status()
-                return r.json()["usage"]["completion_tokens"]
+        def __call__(self, input_ids, scores):
+            if self.at is None:
+                self.at = time.perf_counter()
+            return scores
 
+    def generate_batch(batch: list[tuple[str, float]]) -> list[tuple[int, float, float]]:
+        enc = tok([t for t, _ in batch], return_tensors="pt", padding=True).to(model.device)
+        first = FirstToken()
+        with torch.inference_mode():
+            out = model.generate(**enc, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
+                                 do_sample=False, pad_token_id=pad, logits_processor=LogitsProcessorList([first]))
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        time.perf_counter()
+        n = out.shape[1] - enc["input_ids"].shape[1]
+        return [(n, first.at - arrived) for _, arrived in batch]
+
+    async def level(c: int, total: int):
+        queue: list = []
+        wake = asyncio.Event()
+        batch_size = max(levels)
+
+        async def batcher():
+            while True:
+                await wake.wait()
+                wake.clear()
+                while queue:
+                    batch, rest = queue[:batch_size], queue[batch_size:]
+                    queue[:] = rest
+                    results = await asyncio.to_thread(generate_batch, [(t, a) for t, a, _ in batch])
+                    for (_, _, future), result in zip(batch, results, strict=False):
+                        future.set_result(result)
+
+        async def one(i: int):
+            future = asyncio.get_running_loop().create_future()
+            queue.append((texts[i % len(texts)], time.perf_counter(), future))
+            wake.set()
+            return await future
+
+        task = asyncio.create_task(batcher())
+        try:
             return await closed_loop(one, c, total)
+        finally:
+            task.cancel()
 
-    try:
-        asyncio.run(level(min(8, max(levels)), 8))  # warm-up
-        for c in levels:
-            before = httpx.get(f"{url}/metrics", timeout=60).json()["batch_size"]["requests_by_size"]
-            results[c] = summary(*asyncio.run(level(c, max(args.requests, 2 * c))))
-            after = httpx.get(f"{url}/metrics", timeout=60).json()["batch_size"]["requests_by_size"]
-            sizes = {int(k): v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
-            results[c]["mean_batch"] = sum(sizes.values()) / sum(n / k for k, n in sizes.items())
-            print(f"served    c={c:<3} {fmt(results[c])}  mean batch {results[c]['mean_batch']:.1f}", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-    return results
+    asyncio.run(level(1, 2))  # warm-up
+    rows = []
+    for c in levels:
+        tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
+        rows.append(row("baseline", c, tokens, wall, ttfts, latencies))
+        print(fmt(rows[-1]), flush=True)
+    return rows
+
+
+def run_transformers_cb(model, tok, texts: list[str], levels: list[int], args) -> list[dict]:
+    """transformers' continuous batching (generate_batch with its CUDA-graph warm-up), in waves of c requests."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=-1,
+                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    ids = [tok(t)["input_ids"] for t in texts]
+    rows = []
+    for c in levels:
+        cfg = ContinuousBatchingConfig(use_cuda_graph=True, max_requests_per_batch=c)
+        model.generate_batch(ids[:c], generation_config=gen, continuous_batching_config=cfg)  # warm-up, graphs
+        total = max(args.requests, 2 * c)
+        tokens, ttfts, latencies = 0, [], []
+        start = time.perf_counter()
+        for wave in range(0, total, c):
+            batch = [ids[i % len(ids)] for i in range(wave, min(total, wave + c))]
+            out = model.generate_batch(batch, generation_config=gen, continuous_batching_config=cfg,
+                                       record_timestamps=True)
+            for o in out.values():
+                tokens += len(o.generated_tokens)
+                ttfts.append(o.timestamps[0] - o.created_time)
+                latencies.append(o.timestamps[-1] - o.created_time)
+        rows.append(row("transformers-cb", c, tokens, time.perf_counter() - start, ttfts, latencies, mode="waves"))
+        print(fmt(rows[-1]), flush=True)
+    return rows
 
 
 def fmt(r: dict) -> str:
-    return f"{r['tokens_per_s']:9.1f} tok/s   p50 {r['p50']:7.3f}s   p95 {r['p95']:7.3f}s   ({r['requests']} requests)"
+    return (f"{r['engine']:<16} c={r['concurrency']:<4} {r['output_tokens_per_s']:10.1f} tok/s   ttft p50 "
+            f"{r['ttft_p50_s']:.3f}s p95 {r['ttft_p95_s']:.3f}s   latency p50 {r['latency_p50_s']:.3f}s "
+            f"p95 {r['latency_p95_s']:.3f}s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", nargs="?", help="a Hugging Face model folder (else --tiny or --llama-1b)")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--tiny", action="store_true", help="random-init embedded default shape (CPU)")
-    which.add_argument("--llama-1b", action="store_true", help="random-init Llama-3.2-1B shape, bf16 (GPU)")
-    parser.add_argument("--levels", default="1,8,32", help="concurrency levels (default 1,8,32)")
-    parser.add_argument("--requests", type=int, default=32, help="requests per level, at least 2x the level")
-    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per request (32 CPU, 128 GPU)")
-    parser.add_argument("--prompt-words", type=int, default=None, help="words per prompt (16 CPU, 200 GPU)")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="serving.max_batch_size")
-    parser.add_argument("--batch-wait-ms", type=float, default=20, help="serving.batch_wait_timeout_s x 1000")
-    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("model", nargs="?", help="a Hugging Face model folder (else --llama-1b)")
+    parser.add_argument("--llama-1b", action="store_true", help="random-init Llama-3.2-1B shape, bf16 (GPU)")
+    parser.add_argument("--levels", default="1,8,32,128", help="concurrency levels (default 1,8,32,128)")
+    parser.add_argument("--requests", type=int, default=64, help="requests per level, at least 2x the level")
+    parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default 128)")
+    parser.add_argument("--prompt-words", type=int, default=200, help="words per prompt (default 200)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=512, help="the engine's prompt limit")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--engines", default="tuneline,baseline", help="of tuneline,baseline,transformers-cb")
+    parser.add_argument("--out", type=Path, default=None, help="JSON Lines to append to (default bench/results/"
+                                                                "serve_h200.jsonl on GPU, serve_cpu.jsonl on CPU)")
     args = parser.parse_args()
+    if not args.model and not args.llama_1b:
+        parser.error("give a model folder or --llama-1b")
     gpu = torch.cuda.is_available()
-    args.max_tokens = args.max_tokens or (128 if gpu else 32)
-    args.prompt_words = args.prompt_words or (200 if gpu else 16)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
+    engines = args.engines.split(",")
+    out = args.out or RESULTS / ("serve_h200.jsonl" if gpu else "serve_cpu.jsonl")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
-        if args.model:
-            model_dir = Path(args.model).resolve()
-        elif args.tiny or args.llama_1b:
-            model_dir = build_model("tiny" if args.tiny else "llama-1b", Path(tmp) / "model")
-        else:
-            parser.error("give a model folder, --tiny or --llama-1b")
-        from transformers import AutoConfig
-
-        cfg = AutoConfig.from_pretrained(model_dir)
+        model_dir = Path(args.model).resolve() if args.model else build_model("llama-1b", Path(tmp) / "model")
         texts = prompts(64, args.prompt_words)
-        device = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores, replica: 1 thread)"
-        name = args.model or ("random-init tiny (the embedded default's base shape)" if args.tiny
-                              else "random-init Llama-3.2-1B shape")
-        print(f"model: {name} ({cfg.model_type}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} "
-              f"layers, vocab {cfg.vocab_size}); device: {device}\n"
-              f"requests: greedy, {args.max_tokens} new tokens each (ignore_eos), prompts of {args.prompt_words} "
-              f"words; served: max_batch_size {args.max_batch_size}, batch_wait {args.batch_wait_ms:g} ms, "
-              f"1 replica", flush=True)
-        base = run_baseline(model_dir, texts, levels, args)
-        served = run_served(model_dir, texts, levels, args)
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else torch.float32
+        device = (torch.cuda.get_device_name(0) if gpu
+                  else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
+        prompt_tokens = statistics.mean(len(tok(t)["input_ids"]) for t in texts)
+        meta = {"device": device, "model": args.model or "random-init Llama-3.2-1B shape", "dtype": str(dtype)[6:],
+                "max_tokens": args.max_tokens, "prompt_tokens_mean": round(prompt_tokens, 1),
+                "date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__}
+        print(f"{meta}", flush=True)
+        rows = []
+        if "tuneline" in engines:  # first: it loads the model itself, and frees it before the others load theirs
+            rows += [{**r, **meta} for r in run_tuneline(model_dir, texts, levels, args)]
+            gc.collect()
+            if gpu:
+                torch.cuda.empty_cache()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if gpu else "cpu").eval()
+        limit = {**measure_limit(model), **meta}
+        print(f"limit: weights {limit['weights_gib']} GiB, copy {limit['copy_tb_s']} TB/s -> "
+              f"{limit['c1_limit_tokens_per_s']} tokens/s at concurrency 1", flush=True)
+        rows.insert(0, limit)
+        if "baseline" in engines:
+            rows += [{**r, **meta} for r in run_baseline(model, tok, texts, levels, args)]
+        if "transformers-cb" in engines:
+            rows += [{**r, **meta} for r in run_transformers_cb(model, tok, texts, levels, args)]
 
-    print("\nconcurrency | baseline tok/s  p50 s   p95 s | served tok/s  p50 s   p95 s  batch | throughput x")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    by = {(r["engine"], r["concurrency"]): r for r in rows if "engine" in r}
+    print(f"\nconcurrency | {' | '.join(f'{e:>16}' for e in engines)} | tuneline / baseline c=1 (unbatched)")
     for c in levels:
-        b, s = base[c], served[c]
-        print(f"{c:>11} | {b['tokens_per_s']:14.1f} {b['p50']:6.3f} {b['p95']:7.3f} | {s['tokens_per_s']:12.1f} "
-              f"{s['p50']:6.3f} {s['p95']:7.3f} {s['mean_batch']:6.1f} | {s['tokens_per_s'] / b['tokens_per_s']:11.2f}")
+        cells = [f"{by[(e, c)]['output_tokens_per_s']:16.1f}" if (e, c) in by else f"{'-':>16}" for e in engines]
+        ratio = (by[("tuneline", c)]["output_tokens_per_s"] / by[("baseline", 1)]["output_tokens_per_s"]
+                 if ("tuneline", c) in by and ("baseline", 1) in by else float("nan"))
+        print(f"{c:>11} | {' | '.join(cells)} | {ratio:.2f}x")
+    print(f"appended {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":

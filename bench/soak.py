@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from serve_bench import closed_loop, summary  # noqa: E402 - bench/ is this script's folder
+from serve_bench import closed_loop, quantiles  # noqa: E402 - bench/ is this script's folder
 
 PROMPTS = ["Which word is a fruit? apple piano", "List every animal, in order: tiger mango otter",
            "Count the words: one two three", "Which word is a tool? hammer cloud"]
@@ -100,17 +100,17 @@ async def soak(url: str, clients: int = 64, requests: int = 64 * 32, max_tokens:
     async with client(url, api_key, clients) as http:
         ask = Asker(http, max_tokens, model)
 
-        async def one(i: int) -> int:
+        async def one(i: int) -> tuple[int, None]:
             tokens, wrong = await ask(i)
             if wrong:
                 errors.append(f"request {i}: {wrong}")
-            return tokens
+            return tokens, None
 
-        latencies, tokens, wall = await closed_loop(one, clients, requests)
-    figures = summary(latencies, tokens, wall)
-    return {"clients": clients, "requests": figures["requests"], "errors": len(errors),
-            "first_errors": errors[:SHOWN_ERRORS], "p50_s": round(figures["p50"], 4),
-            "p95_s": round(figures["p95"], 4), "requests_per_s": round(figures["requests"] / wall, 2),
+        _, wall, _, latencies = await closed_loop(one, clients, requests)
+    p50, p95 = quantiles(latencies)
+    return {"clients": clients, "requests": len(latencies), "errors": len(errors),
+            "first_errors": errors[:SHOWN_ERRORS], "p50_s": round(p50, 4),
+            "p95_s": round(p95, 4), "requests_per_s": round(len(latencies) / wall, 2),
             "wall_s": round(wall, 2), "max_tokens": max_tokens}
 
 

@@ -1,9 +1,9 @@
 """Many LoRA adapters over one shared base model, on one replica set (Ray Serve model multiplexing).
 
-`AdapterServer` is a ModelServer (serving/model_server.py: the same batching, streaming and metrics) whose
+`AdapterServer` is a ModelServer (serving/model_server.py: the same engine, streaming and metrics) whose
 replicas load the base model once and the adapters of `serving.adapters` on demand. A request names
 an adapter in its `model` field; the Router sends it with `multiplexed_model_id=<name>`, so Serve
-routes it to a replica that has that adapter loaded, if one has, and splits batches by adapter. The
+routes it to a replica that has that adapter loaded, if one has. The
 replica loads an adapter it lacks (`models:/NAME/VERSION` or `models:/NAME@ALIAS` from the MLflow
 registry, or a PEFT adapter folder) into its PEFT model, and `@serve.multiplexed` evicts the least
 recently used one beyond `max_loaded`. A request that names the base (`base_name`) gets the base
@@ -11,8 +11,8 @@ itself, adapters off. `GET /v1/models` lists the base and every adapter, saying 
 
     serve run serving.adapters:app_builder params=params.yaml --name tuneline-adapters --route-prefix /adapters
 
-Loading, evicting, switching the active adapter and generating all run under one lock per replica:
-an adapter is never evicted or switched under a batch or stream that uses it.
+Loading and evicting change the model on the engine's decoding thread, between two steps; an evicted
+adapter leaves the model only once no running or waiting request uses it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from serving.router import router_deployment
 from tuneline.config import DEFAULT_PARAMS, Params, load_params
 
 ADAPTER_FILE = "adapter_config.json"  # what makes a folder (or a registered artifact) a PEFT adapter
+UNKNOWN = object()  # which adapter is in place, after PEFT changed it
 
 
 class _Resident:
@@ -43,19 +44,18 @@ class _Resident:
                   max_constructor_retry_count=MODEL_CONSTRUCTOR_RETRIES)
 class AdapterServer(ModelServer.func_or_class):
     """The base model once, its adapters on demand; `serve.get_multiplexed_model_id()` says which one a
-    request (or a batch: Serve splits them by model id) wants, "" for the base."""
+    request wants, "" for the base. Rows of different adapters share the engine's batch: each step runs one
+    forward per adapter among its rows (serving/decoding.py)."""
 
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
-                 tracking_uri: str | None, max_batch_size: int, batch_wait_timeout_s: float, *,
-                 adapters: dict[str, str], max_loaded: int):
-        super().__init__(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size,
-                         batch_wait_timeout_s)
+                 tracking_uri: str | None, max_batch_size: int, *, adapters: dict[str, str], max_loaded: int):
+        super().__init__(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size)
         self.tracking_uri, self.sources, self.max_loaded = tracking_uri, dict(adapters), max_loaded
-        # PEFT names modules after adapters, and a module name cannot hold a dot; served names may.
-        self.keys = {name: f"adapter{i}" for i, name in enumerate(self.sources)}
         self.peft = None  # the PeftModel around the base while any adapter is loaded
-        self.loaded: dict[str, int] = {}  # adapter -> bytes of its weights
-        self.busy = asyncio.Lock()
+        self.loaded: dict[str, tuple[str, int]] = {}  # adapter -> (its PEFT key, bytes of its weights)
+        self.loads = 0
+        self.active: object = UNKNOWN  # the PEFT key in place now, None for the base (decoding thread)
+        self.engine.decoder.activate = self._activate
 
         async def load(name: str) -> _Resident:
             return await self._load(name)
@@ -67,68 +67,76 @@ class AdapterServer(ModelServer.func_or_class):
 
     def loaded_adapters(self) -> dict[str, int]:
         """The adapters this replica holds now, and the bytes of each one's weights."""
-        return dict(self.loaded)
+        return {name: size for name, (_, size) in self.loaded.items()}
 
-    async def _run(self, work, *args):
-        async with self.busy:
-            name = serve.get_multiplexed_model_id()
-            if name:
-                await self.get_adapter(name)  # a no-op when loaded; else loads it, evicting the least recently used
-            await super()._run(self._activate, name)
-            return await super()._run(work, *args)
+    async def _prepare(self, spec: dict):
+        job = self.engine.prepare(spec)
+        name = serve.get_multiplexed_model_id()
+        if name:
+            await self.get_adapter(name)  # a no-op when loaded; else loads it, evicting the least recently used
+            job.adapter = self.loaded[name][0]
+        return job
 
     async def _load(self, name: str) -> _Resident:
         if name not in self.sources:
             raise KeyError(f"no adapter {name!r} here; this server has {', '.join(self.sources) or 'none'}")
         from serving.model_source import resolve_model
 
+        # PEFT names modules after adapters (no dots), and an evicted adapter's key lives on until its last row ends.
+        self.loads += 1
+        key = f"adapter{self.loads}"
+        loop = asyncio.get_running_loop()
         try:
-            folder, _ = await asyncio.get_running_loop().run_in_executor(
-                None, resolve_model, self.sources[name], self.tracking_uri, ADAPTER_FILE)
-            await super()._run(self._attach, name, folder)
+            folder, _ = await loop.run_in_executor(None, resolve_model, self.sources[name], self.tracking_uri,
+                                                   ADAPTER_FILE)
+            size = await loop.run_in_executor(None, self.engine.decoder.call, lambda: self._attach(key, folder))
         except Exception as e:
             raise RuntimeError(f"adapter {name!r} ({self.sources[name]}) did not load: {e}") from e
-        return _Resident(lambda: self._detach(name))
+        self.loaded[name] = (key, size)
+        return _Resident(lambda: self._detach(name, key))
 
-    def _attach(self, name: str, folder: Path) -> None:
+    def _attach(self, key: str, folder: Path) -> int:
+        """On the decoding thread: load an adapter into the PEFT model; the bytes of its weights."""
         from peft import PeftConfig, PeftModel
 
-        key = self.keys[name]
-        with self.engine.lock:
-            try:
-                if self.peft is None:  # PeftModel.from_pretrained, in two steps: a failed load can be undone
-                    config = PeftConfig.from_pretrained(str(folder))
-                    config.inference_mode = True
-                    self.peft = self.engine.model = PeftModel(self.engine.model, config, adapter_name=key)
-                self.peft.load_adapter(str(folder), adapter_name=key)
-            except Exception:
-                if self.peft is not None and key in self.peft.peft_config:
-                    self._drop(key)
-                raise
-            self.peft.eval()  # LoRA dropout off
-            self.loaded[name] = sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters()
-                                    if key in n.split("."))
+        try:
+            if self.peft is None:  # PeftModel.from_pretrained, in two steps: a failed load can be undone
+                config = PeftConfig.from_pretrained(str(folder))
+                config.inference_mode = True
+                self.peft = self.engine.decoder.model = PeftModel(self.engine.model, config, adapter_name=key)
+            self.peft.load_adapter(str(folder), adapter_name=key)
+        except Exception:
+            if self.peft is not None and key in self.peft.peft_config:
+                self._drop(key)
+            raise
+        self.peft.eval()  # LoRA dropout off
+        self.active = UNKNOWN  # PEFT switched adapters as it loaded this one
+        return sum(p.numel() * p.element_size() for n, p in self.peft.named_parameters() if key in n.split("."))
 
-    def _detach(self, name: str) -> None:
-        with self.engine.lock:
+    def _detach(self, name: str, key: str) -> None:
+        """Serve evicted `name`: it is gone from this replica's list now, and from the model once its rows end."""
+        if self.loaded.get(name, (None,))[0] == key:
             del self.loaded[name]
-            self._drop(self.keys[name])
+        self.engine.decoder.call(lambda: self._drop(key), unless_in_use=key, wait=False)
 
     def _drop(self, key: str) -> None:
         if len(self.peft.peft_config) > 1:
             self.peft.delete_adapter(key)
         else:  # a PeftModel cannot run with no adapter: back to the bare base
-            self.engine.model, self.peft = self.peft.unload(), None
+            self.engine.model = self.engine.decoder.model = self.peft.unload()
+            self.peft = None
+        self.active = UNKNOWN
 
-    def _activate(self, name: str) -> None:
-        with self.engine.lock:
-            if self.peft is None:
-                return
-            if name:
-                self.peft.base_model.enable_adapter_layers()
-                self.peft.set_adapter(self.keys[name])
-            else:
-                self.peft.base_model.disable_adapter_layers()
+    def _activate(self, key: str | None) -> None:
+        """On the decoding thread, before a forward: the adapter of the rows it runs (None: the base)."""
+        if self.peft is None or key == self.active:
+            return
+        if key:
+            self.peft.base_model.enable_adapter_layers()
+            self.peft.set_adapter(key)
+        else:
+            self.peft.base_model.disable_adapter_layers()
+        self.active = key
 
 
 def register_adapter(folder: Path, name: str, tracking_uri: str, alias: str | None = None,

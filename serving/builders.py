@@ -55,13 +55,13 @@ def model_server(model: str, template: str, serving: Serving, tracking_uri: str 
     s = serving
     deployment = server.options(
         ray_actor_options={"num_cpus": REPLICA_CPUS, "num_gpus": replica_gpus(s.gpus_per_replica)},
-        # Enough in flight to fill one batch while the one before generates.
+        # A full running batch, and as many waiting to take the slots that free up.
         max_ongoing_requests=max(2 * s.max_batch_size, int(2 * s.target_ongoing_requests)),
         autoscaling_config={"min_replicas": s.min_replicas, "max_replicas": max(s.min_replicas, s.max_replicas),
                             "target_ongoing_requests": s.target_ongoing_requests},
     )
     return deployment.bind(model, template, s.max_tokens_limit, s.max_prompt_tokens, tracking_uri, s.max_batch_size,
-                           s.batch_wait_timeout_s, **extra)
+                           **extra)
 
 
 def build_app(model: str, served_name: str, template: str, serving: Serving, tracking_uri: str | None = None):
@@ -84,7 +84,7 @@ def build_router_app(served_name: str, serving: Serving, active_app: str | None,
 
 # What a Serve config may set of `serving`; the rest (host, port, app_name, ...) belongs to the deploy stage.
 SERVING_KEYS = ("max_tokens_limit", "max_prompt_tokens", "api_key_env", "max_request_bytes", "max_batch_size",
-                "batch_wait_timeout_s", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica")
+                "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica")
 
 
 class AppArgs(BaseModel):

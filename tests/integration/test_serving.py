@@ -221,8 +221,8 @@ def test_concurrent_requests_all_succeed_and_share_batches(client, base_url):
 
 
 def test_batched_generation_matches_generation_one_at_a_time(model_dir):
-    # In-process, no Ray: left padding, per-row max_tokens, stops and seeds change nothing about a row.
-    engine = Engine(str(model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1)
+    # In-process, no Ray: batch mates, per-row max_tokens, stops and seeds change nothing about a row.
+    engine = Engine(str(model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, max_batch_size=4)
     specs = [{"kind": "completion", "prompt": p, "max_tokens": m, "temperature": t, "top_p": tp, "seed": seed,
               "stop": stop}
              for p, m, t, tp, seed, stop in [(PROMPT, 12, 0.0, 1.0, None, []), ("hi", 5, 1.0, 1.0, 3, []),
@@ -230,7 +230,7 @@ def test_batched_generation_matches_generation_one_at_a_time(model_dir):
                                             ("Count", 9, 0.0, 1.0, None, [])]]
     batch = engine.generate([engine.prepare(s) for s in specs])
     alone = [engine.generate([engine.prepare(s)])[0] for s in specs]
-    assert [r["batch_size"] for r in batch] == [4] * 4
+    assert max(r["batch_size"] for r in batch) > 1  # they ran together
     for b, a, spec in zip(batch, alone, specs, strict=True):
         assert (b["text"], b["finish_reason"], b["completion_tokens"]) == \
             (a["text"], a["finish_reason"], a["completion_tokens"])
@@ -238,6 +238,52 @@ def test_batched_generation_matches_generation_one_at_a_time(model_dir):
     pieces: list[str] = []
     streamed = engine.stream(engine.prepare(specs[2]), pieces.append)
     assert "".join(pieces) == streamed["text"] == alone[2]["text"] and "e" not in streamed["text"]
+
+
+def _run(engine: Engine, spec: dict, emit=None) -> tuple[threading.Event, list]:
+    """Submit a request to an in-process engine: an event set when it ends, and a box for (result, error)."""
+    ended, box = threading.Event(), []
+    engine.submit(engine.prepare(spec), lambda result, error: (box.append((result, error)), ended.set()), emit)
+    return ended, box
+
+
+def test_a_request_joins_and_leaves_a_running_batch(model_dir):
+    # Continuous batching: a short request that arrives while a long one runs starts at the next step and
+    # ends on its own, long before the long one; its text is what it gets alone.
+    engine = Engine(str(model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, max_batch_size=4)
+    short = {"kind": "completion", "prompt": "Count", "max_tokens": 3, "temperature": 0.0, "ignore_eos": True}
+    alone = engine.generate([engine.prepare(short)])[0]
+    started = threading.Event()
+    long_job = engine.prepare({"kind": "completion", "prompt": PROMPT, "max_tokens": MAX_TOKENS,
+                               "temperature": 0.0, "ignore_eos": True})
+    long_ended, long_box = threading.Event(), []
+    engine.submit(long_job, lambda result, error: (long_box.append(result), long_ended.set()),
+                  emit=lambda text: started.set())
+    assert started.wait(30)
+    short_ended, short_box = threading.Event(), []
+    # Called on the decoding thread: what the long request had done when the short one ended.
+    engine.submit(engine.prepare(short), lambda result, error: (
+        short_box.append((result, long_job.ended, len(long_job.tokens))), short_ended.set()))
+    assert short_ended.wait(30) and long_ended.wait(60)
+    joined, long_had_ended, long_tokens_then = short_box[0]
+    assert not long_had_ended and long_tokens_then < MAX_TOKENS
+    assert long_box[0]["completion_tokens"] == MAX_TOKENS and long_box[0]["finish_reason"] == "length"
+    assert (joined["text"], joined["completion_tokens"]) == (alone["text"], 3) and joined["batch_size"] == 2
+    engine.close()
+
+
+def test_a_cancelled_request_ends_at_the_next_step_and_frees_its_row(model_dir):
+    # One row only: the cancelled request must give it up for the next one to run at all.
+    engine = Engine(str(model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, max_batch_size=1)
+    spec = {"kind": "completion", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    job = engine.prepare(spec)
+    ended, box = threading.Event(), []
+    engine.submit(job, lambda result, error: (box.append(result), ended.set()), emit=lambda text: job.cancel())
+    assert ended.wait(30)
+    assert box[0]["finish_reason"] == "cancelled" and box[0]["completion_tokens"] < 4
+    after = engine.generate([engine.prepare(spec)])[0]
+    assert after["completion_tokens"] == MAX_TOKENS
+    engine.close()
 
 
 # The deploy stage, for real: on the module's cluster (it joins the connection this process holds).

@@ -43,8 +43,9 @@ class Serving(Section):
     api_key_env: str | None = Field(None, description="name of the env var holding the API key")
     max_request_bytes: int = Field(1 << 20, gt=0, description="a larger request body gets 413, unparsed")
     health_timeout_s: float = Field(180, gt=0)
-    max_batch_size: int = Field(8, gt=0, description="requests generated together by one replica (@serve.batch)")
-    batch_wait_timeout_s: float = Field(0.02, ge=0, description="how long a batch waits to fill up")
+    max_batch_size: int = Field(8, gt=0, description="requests one replica generates at once (its continuous "
+                                                    "batch; each holds a KV cache row of max_prompt_tokens + "
+                                                    "max_tokens_limit)")
     min_replicas: int = Field(1, ge=1, description="model replicas, autoscaled between min and max")
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
