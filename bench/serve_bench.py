@@ -257,18 +257,23 @@ def run_transformers_cb(model, tok, texts: list[str], levels: list[int], args) -
     rows = []
     for c in levels:
         cfg = ContinuousBatchingConfig(use_cuda_graph=True, max_requests_per_batch=c)
-        model.generate_batch(ids[:c], generation_config=gen, continuous_batching_config=cfg)  # warm-up, graphs
-        total = max(args.requests, 2 * c)
-        tokens, ttfts, latencies = 0, [], []
-        start = time.perf_counter()
-        for wave in range(0, total, c):
-            batch = [ids[i % len(ids)] for i in range(wave, min(total, wave + c))]
-            out = model.generate_batch(batch, generation_config=gen, continuous_batching_config=cfg,
-                                       record_timestamps=True)
-            for o in out.values():
-                tokens += len(o.generated_tokens)
-                ttfts.append(o.timestamps[0] - o.created_time)
-                latencies.append(o.timestamps[-1] - o.created_time)
+        try:
+            model.generate_batch(ids[:c], generation_config=gen, continuous_batching_config=cfg)  # warm-up, graphs
+            total = max(args.requests, 2 * c)
+            tokens, ttfts, latencies = 0, [], []
+            start = time.perf_counter()
+            for wave in range(0, total, c):
+                batch = [ids[i % len(ids)] for i in range(wave, min(total, wave + c))]
+                out = model.generate_batch(batch, generation_config=gen, continuous_batching_config=cfg,
+                                           record_timestamps=True)
+                for o in out.values():
+                    tokens += len(o.generated_tokens)
+                    ttfts.append(o.timestamps[0] - o.created_time)
+                    latencies.append(o.timestamps[-1] - o.created_time)
+        except Exception as e:  # a probe: its failure is a result too
+            rows.append({"engine": "transformers-cb", "concurrency": c, "error": f"{type(e).__name__}: {e}"[:500]})
+            print(f"transformers-cb  c={c:<4} failed: {rows[-1]['error']}", flush=True)
+            continue
         rows.append(row("transformers-cb", c, tokens, time.perf_counter() - start, ttfts, latencies, mode="waves"))
         print(fmt(rows[-1]), flush=True)
     return rows
@@ -340,7 +345,8 @@ def main() -> None:
     by = {(r["engine"], r["concurrency"]): r for r in rows if "engine" in r}
     print(f"\nconcurrency | {' | '.join(f'{e:>16}' for e in engines)} | tuneline / baseline c=1 (unbatched)")
     for c in levels:
-        cells = [f"{by[(e, c)]['output_tokens_per_s']:16.1f}" if (e, c) in by else f"{'-':>16}" for e in engines]
+        cells = [f"{by[(e, c)]['output_tokens_per_s']:16.1f}" if "output_tokens_per_s" in by.get((e, c), {})
+                 else f"{'-':>16}" for e in engines]
         ratio = (by[("tuneline", c)]["output_tokens_per_s"] / by[("baseline", 1)]["output_tokens_per_s"]
                  if ("tuneline", c) in by and ("baseline", 1) in by else float("nan"))
         print(f"{c:>11} | {' | '.join(cells)} | {ratio:.2f}x")

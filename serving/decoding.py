@@ -217,7 +217,9 @@ class Decoder:
             slots = [s for s, _ in group]
             width = max(len(j.ids) for _, j in group)
             ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-            for i, (_, job) in enumerate(group):
+            for i, (slot, job) in enumerate(group):
+                self.running[slot] = job  # from now on a failure ends it with the others (_fail_all)
+                self.pos[slot] = len(job.ids)
                 ids[i, :len(job.ids)] = torch.tensor(job.ids)
                 job.generator = torch.Generator(self.device).manual_seed(
                     job.seed if job.seed is not None else random.getrandbits(63))
@@ -232,9 +234,6 @@ class Decoder:
             self.ban_eos[slot_t] = torch.tensor([j.ignore_eos for _, j in group], device=self.device)
             tokens = choose(logits, Rows([j for _, j in group], self.ban_eos[slot_t], self.eos))
             self.next_ids[slot_t] = tokens.clamp(min=0)
-            for slot, job in group:
-                self.pos[slot] = len(job.ids)
-                self.running[slot] = job
             self._record(tokens, [(i, s, j) for i, (s, j) in enumerate(group)])
 
     def _decode(self) -> None:

@@ -286,6 +286,34 @@ def test_a_cancelled_request_ends_at_the_next_step_and_frees_its_row(model_dir):
     engine.close()
 
 
+def test_a_stream_whose_client_goes_away_is_cancelled_in_the_replica(port, model_dir):
+    # What Serve does when the HTTP client disconnects: it closes the replica's stream generator.
+    import asyncio
+
+    from serving.model_server import ModelServer
+
+    server = ModelServer.func_or_class(str(model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, None, 2)
+    spec = {"kind": "completion", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    jobs, submit = [], server.engine.submit
+    server.engine.submit = lambda job, *args, **kwargs: (jobs.append(job), submit(job, *args, **kwargs))[1]
+
+    async def leave_after_the_first_piece() -> None:
+        events = server.stream(spec)
+        assert "prompt_tokens" in await events.__anext__()
+        assert "text" in await events.__anext__()
+        await events.aclose()
+
+    asyncio.run(leave_after_the_first_piece())
+    assert server.stats() == {"cancelled": 1}
+    deadline = time.monotonic() + 10
+    while not jobs[0].ended and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert jobs[0].ended and jobs[0].cancelled and len(jobs[0].tokens) < MAX_TOKENS  # it stopped early
+    whole = server.engine.generate([server.engine.prepare(spec)])[0]  # and the row is free again
+    assert whole["completion_tokens"] == MAX_TOKENS
+    server.engine.close()
+
+
 # The deploy stage, for real: on the module's cluster (it joins the connection this process holds).
 # v1 and v2 are registered as merge registers them (MLflow's transformers flavor); v3 is a folder
 # whose weights are corrupt. Every replica loads its version from the registry by URI.
