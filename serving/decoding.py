@@ -1,22 +1,16 @@
 """Continuous batching: requests join and leave the running batch at every step.
 
-`Decoder` owns a model, its slot cache (serving/kv_cache.py) and one background thread. `submit` queues a
-`Job`; the thread loops:
-
+`Decoder` owns a model, its slot cache (serving/kv_cache.py) and a thread that loops:
 1. admit: waiting jobs take free slots and are prefilled together (right-padded, up to a token budget);
-   their first tokens are sampled at once (time to first token).
-2. decode: one token for every running row in one forward. On a GPU that forward is a CUDA graph,
-   captured once per (rows, attended length) bucket and replayed, so a step costs one launch rather than
-   hundreds of small ones.
-3. finish the previous step: its tokens reach the host while this step runs on the device (the host work
-   of a step, stop checks and streaming, overlaps the next one). A row that ended computes one token
-   more, which is dropped; its slot is free for the next admission.
+   their first tokens are sampled at once.
+2. decode: one token for every running row in one forward; on a GPU a replayed CUDA graph
+   (serving/cuda_graphs.py).
+3. finish the step before: its tokens reach the host while this one runs on the device, so the host
+   work (stop checks, streaming) overlaps it. A row that ended computes one token more, dropped.
 
-Token-level ends (max_tokens, EOS) are decided here; everything about text (stop strings, streaming) is
-the job's `on_token`, which serving/generation.py supplies. Per-row sampling: serving/sampling.py.
-
-Rows whose model is an adapter (serving/adapters.py) run eagerly, one forward per adapter in the batch;
-`activate(key)` puts an adapter in place before its rows' forward.
+Token-level ends (max_tokens, EOS) are decided here; text (stop strings, streaming) is the job's
+`on_token` (serving/generation.py). Rows of adapters (serving/adapters.py) run eagerly, one forward per
+adapter among them, after `activate(key)` puts it in place.
 """
 
 from __future__ import annotations
@@ -28,58 +22,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 import torch
 
+from serving.cuda_graphs import DecodeGraphs
+from serving.job import Job, ModelError, by_adapter
 from serving.kv_cache import ATTENTION, SlotCache, decode_mask
 from serving.sampling import Rows, choose
 
 log = logging.getLogger(__name__)
-
-GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # decode graphs are captured for these row counts
-MIN_GRAPH_LENGTH = 128  # and for attended lengths of 128, 256, ... up to the cache's
-
-
-class ModelError(RuntimeError):
-    """The model itself failed (e.g. NaN logits from broken weights): a server error, not the client's."""
-
-
-@dataclass(eq=False)
-class Job:
-    """One request, tokenized and checked: what a running row needs. `on_token(token)` returns True when the
-    text is complete (a stop string); `on_end(reason, error)` is called once, from the decoding thread."""
-
-    ids: list[int]
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stops: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False
-    adapter: str | None = None  # the adapter key (serving/adapters.py); None: the model itself
-    arrived: float = field(default_factory=time.perf_counter)
-    on_token: Callable[[int], bool] = lambda token: False
-    on_end: Callable[[str, Exception | None], None] = lambda reason, error: None
-    cancelled: bool = False
-    # Filled in while it runs:
-    tokens: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
-    ended: bool = False
-    batch_rows: int = 0  # summed over its steps: its mean batch is batch_rows / steps
-    steps: int = 0
-    eos_seen: int = 0  # 1 if it ended on EOS: the EOS token counts as generated, though not in `tokens`
-    generator: torch.Generator | None = None
-
-    def cancel(self) -> None:
-        """The client went away: the row stops at the next step (no more tokens, `on_end("cancelled")`)."""
-        self.cancelled = True
-
-
-def _bucket(n: int, sizes: list[int]) -> int:
-    return next(s for s in sizes if s >= n)
-
 
 class Decoder:
     """The batch loop over one model; `submit` from any thread. `graphs`: replay CUDA graphs for decode steps
@@ -94,11 +48,8 @@ class Decoder:
         self.cache = SlotCache(model.config, slots, length, dtype, self.device)
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
-        self.graphs_on = self.cuda if graphs is None else graphs and self.cuda
-        self.row_buckets = [r for r in GRAPH_ROWS if r < slots] + [slots]
-        self.length_buckets = [n for n in (MIN_GRAPH_LENGTH << i for i in range(20)) if n < length] + [length]
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.cuda else None
+        self.graphs = DecodeGraphs(self._step, slots, length) if (self.cuda if graphs is None else graphs) \
+            and self.cuda else None
         # Device-side inputs of a decode step: each slot's next token and its position.
         self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -112,15 +63,13 @@ class Decoder:
         self.running: dict[int, Job] = {}
         self.waiting: deque[Job] = deque()
         self.records: deque = deque()  # launched steps whose tokens the host has not read yet
-        self.commands: list[tuple[Callable[[], None], str | None, threading.Event]] = []
+        self.commands: list[tuple[Callable[[], None], str | None]] = []
         self.activate: Callable[[str | None], None] | None = None
         self.cv = threading.Condition()
         self.closed = False
         self.steps = 0
         self.thread = threading.Thread(target=self._loop, name="decoder", daemon=True)
         self.thread.start()
-
-    # ----------------------------------------------------------------------------- from other threads
 
     def submit(self, job: Job) -> Job:
         with self.cv:
@@ -130,29 +79,23 @@ class Decoder:
             self.cv.notify()
         return job
 
-    def call(self, fn: Callable[[], None], unless_in_use: str | None = None, wait: bool = True) -> None:
+    def call(self, fn: Callable[[], Any], unless_in_use: str | None = None, wait: bool = True) -> Any:
         """Run `fn` on the decoding thread between two steps (to change the model: adapters), once no running
-        or waiting row uses the adapter `unless_in_use`. `wait`: block until it ran, re-raising its error."""
-        done = threading.Event()
-        box: list = []
+        or waiting row uses the adapter `unless_in_use`. `wait`: block until it ran; its result or error."""
+        future: Future = Future()
 
         def run() -> None:
             try:
-                fn()
+                future.set_result(fn())
             except Exception as e:
-                box.append(e)
+                future.set_exception(e)
                 if not wait:
                     log.exception("a deferred model change failed")
-            finally:
-                done.set()
 
         with self.cv:
-            self.commands.append((run, unless_in_use, done))
+            self.commands.append((run, unless_in_use))
             self.cv.notify()
-        if wait:
-            done.wait()
-            if box:
-                raise box[0]
+        return future.result() if wait else None
 
     def close(self) -> None:
         with self.cv:
@@ -160,13 +103,14 @@ class Decoder:
             self.cv.notify()
         self.thread.join(timeout=30)
 
+    @property
+    def graphs_on(self) -> bool:
+        return self.graphs is not None and self.graphs.on
+
     def warm_up(self) -> None:
         """Capture every decode graph now (a second or so), rather than stalling the first requests of each size."""
-        if self.graphs_on:
-            self.call(lambda: [self._graph(r, n) for r in reversed(self.row_buckets)
-                               for n in reversed(self.length_buckets) if self.graphs_on])
-
-    # ------------------------------------------------------------------------------ the decoding thread
+        if self.graphs is not None:
+            self.call(self.graphs.capture_all)
 
     def _loop(self) -> None:
         with torch.inference_mode():
@@ -212,7 +156,7 @@ class Decoder:
         return admitted
 
     def _prefill(self, admitted: list[tuple[int, Job]]) -> None:
-        for adapter, group in _by_adapter(admitted):
+        for adapter, group in by_adapter(admitted):
             self._use(adapter)
             slots = [s for s, _ in group]
             width = max(len(j.ids) for _, j in group)
@@ -243,15 +187,14 @@ class Decoder:
         top = int(slots[-1]) + 1
         longest = int(self.pos[slots].max()) + 1
         graphed = self.graphs_on and adapters == {None}
-        n = _bucket(top, self.row_buckets) if graphed else top
-        length = _bucket(longest, self.length_buckets) if graphed else longest
+        n, length = self.graphs.bucket(top, longest) if graphed else (top, longest)
         host = self.host_positions[self.steps % 2]  # the other one may still be copying to the device
         view = host.numpy()
         view[:n] = 0
         view[slots] = self.pos[slots]
         self.pos[slots] += 1
         self.positions[:n].copy_(host[:n], non_blocking=True)
-        captured = self._graph(n, length) if graphed else None
+        captured = self.graphs.get(n, length) if graphed else None
         if captured is not None:
             graph, logits = captured
             graph.replay()
@@ -260,7 +203,7 @@ class Decoder:
             logits = self._step(n, length)
         else:  # rows of several adapters: one forward per adapter, over its own slots
             logits = None
-            for adapter, group in _by_adapter(rows):
+            for adapter, group in by_adapter(rows):
                 self._use(adapter)
                 index = torch.tensor([s for s, _ in group], device=self.device)
                 part = self._step(len(group), length, index)
@@ -286,27 +229,6 @@ class Decoder:
                          attention_mask=decode_mask(positions, length), cache=self.cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[:, -1]
-
-    def _graph(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        """The decode graph for `n` rows over `length` positions, captured on first use; None if this model
-        cannot be captured (then every step runs eagerly)."""
-        if (n, length) not in self.graphs:
-            try:
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):  # warm-up runs (allocator, lazy inits) off the graph
-                    for _ in range(2):
-                        self._step(n, length)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    logits = self._step(n, length)
-            except Exception:
-                log.exception("this model's decode step cannot be captured as a CUDA graph: decoding eagerly")
-                self.graphs_on = False
-                return None
-            self.graphs[(n, length)] = (graph, logits)
-        return self.graphs[(n, length)]
 
     def _use(self, adapter: str | None) -> None:
         if self.activate is not None:
@@ -373,10 +295,3 @@ class Decoder:
             waiting, self.waiting = list(self.waiting), deque()
         for job in waiting:
             self._end(job, "error", error)
-
-
-def _by_adapter(rows: list[tuple[int, Job]]) -> list[tuple[str | None, list[tuple[int, Job]]]]:
-    groups: dict[str | None, list[tuple[int, Job]]] = {}
-    for slot, job in rows:
-        groups.setdefault(job.adapter, []).append((slot, job))
-    return list(groups.items())

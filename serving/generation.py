@@ -20,7 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serving.api import APIError
-from serving.decoding import Decoder, Job, ModelError
+from serving.decoding import Decoder
+from serving.job import Job, ModelError
 from serving.model_source import resolve_model
 from tuneline.formats import render_prompt, stop_strings
 from tuneline.models import encode_prompt

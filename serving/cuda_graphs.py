@@ -1,0 +1,65 @@
+"""CUDA graphs of the decoder's decode step (serving/decoding.py): captured once per (rows, attended length)
+bucket, then replayed, so a step costs one launch rather than the hundreds of small kernels of an eager forward.
+
+A step of n running rows over positions up to L runs the graph of the smallest buckets holding them: rows
+1, 2, 4, ... up to the cache's slots, lengths 128, 256, ... up to the cache's length. The extra rows and
+positions are idle slots, masked out. The graphs share one memory pool: they never run at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIN_GRAPH_LENGTH = 128
+
+
+def _bucket(n: int, sizes: list[int]) -> int:
+    return next(s for s in sizes if s >= n)
+
+
+class DecodeGraphs:
+    """`step(n, length)` (a decode forward over rows 0..n-1 whose inputs live in fixed device buffers, returning
+    its logits) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly."""
+
+    def __init__(self, step: Callable[[int, int], torch.Tensor], slots: int, length: int):
+        self.step = step
+        self.rows = [r for r in GRAPH_ROWS if r < slots] + [slots]
+        self.lengths = [n for n in (MIN_GRAPH_LENGTH << i for i in range(20)) if n < length] + [length]
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.on = True
+
+    def bucket(self, rows: int, length: int) -> tuple[int, int]:
+        return _bucket(rows, self.rows), _bucket(length, self.lengths)
+
+    def capture_all(self) -> None:
+        for n in reversed(self.rows):  # largest first: the smaller ones fit in the pool they leave
+            for length in reversed(self.lengths):
+                if self.on:
+                    self.get(n, length)
+
+    def get(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
+        """The graph for this bucket and its output logits, captured on first use; None if it cannot be."""
+        if (n, length) not in self.graphs:
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):  # warm-up runs (allocator, lazy inits) off the graph
+                    for _ in range(2):
+                        self.step(n, length)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    logits = self.step(n, length)
+            except Exception:
+                log.exception("this model's decode step cannot be captured as a CUDA graph: decoding eagerly")
+                self.on = False
+                return None
+            self.graphs[(n, length)] = (graph, logits)
+        return self.graphs[(n, length)]
