@@ -25,27 +25,32 @@ def _bucket(n: int, sizes: list[int]) -> int:
 
 class DecodeGraphs:
     """`step(n, length)` (a decode forward over rows 0..n-1 whose inputs live in fixed device buffers, returning
-    its logits) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly."""
+    its logits) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly.
+    `capture=False` (CPU): steps are bucketed the same way and run eagerly (what the tests check)."""
 
-    def __init__(self, step: Callable[[int, int], torch.Tensor], slots: int, length: int):
-        self.step = step
+    def __init__(self, step: Callable[[int, int], torch.Tensor], slots: int, length: int, capture: bool = True):
+        self.step, self.capture = step, capture
         self.rows = [r for r in GRAPH_ROWS if r < slots] + [slots]
         self.lengths = [n for n in (MIN_GRAPH_LENGTH << i for i in range(20)) if n < length] + [length]
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.on = True
 
     def bucket(self, rows: int, length: int) -> tuple[int, int]:
         return _bucket(rows, self.rows), _bucket(length, self.lengths)
 
     def capture_all(self) -> None:
+        if not self.capture:
+            return
         for n in reversed(self.rows):  # largest first: the smaller ones fit in the pool they leave
             for length in reversed(self.lengths):
                 if self.on:
                     self.get(n, length)
 
     def get(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        """The graph for this bucket and its output logits, captured on first use; None if it cannot be."""
+        """The graph for this bucket and its output logits, captured on first use; None if it is not captured."""
+        if not self.capture:
+            return None
         if (n, length) not in self.graphs:
             try:
                 side = torch.cuda.Stream()

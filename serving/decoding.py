@@ -36,8 +36,8 @@ from serving.sampling import Rows, choose
 log = logging.getLogger(__name__)
 
 class Decoder:
-    """The batch loop over one model; `submit` from any thread. `graphs`: replay CUDA graphs for decode steps
-    (on a GPU, when no adapter is in use)."""
+    """The batch loop over one model; `submit` from any thread. `graphs` (default: on a GPU): decode steps in
+    CUDA graphs, when no adapter is in use."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
                  graphs: bool | None = None):
@@ -48,8 +48,8 @@ class Decoder:
         self.cache = SlotCache(model.config, slots, length, dtype, self.device)
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
-        self.graphs = DecodeGraphs(self._step, slots, length) if (self.cuda if graphs is None else graphs) \
-            and self.cuda else None
+        use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)
+        self.graphs = DecodeGraphs(self._step, slots, length, capture=self.cuda) if use else None
         # Device-side inputs of a decode step: each slot's next token and its position.
         self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -105,7 +105,7 @@ class Decoder:
 
     @property
     def graphs_on(self) -> bool:
-        return self.graphs is not None and self.graphs.on
+        return self.graphs is not None and self.graphs.on and self.graphs.capture
 
     def warm_up(self) -> None:
         """Capture every decode graph now (a second or so), rather than stalling the first requests of each size."""
@@ -186,7 +186,7 @@ class Decoder:
         slots = np.fromiter((s for s, _ in rows), dtype=np.int64, count=len(rows))
         top = int(slots[-1]) + 1
         longest = int(self.pos[slots].max()) + 1
-        graphed = self.graphs_on and adapters == {None}
+        graphed = self.graphs is not None and self.graphs.on and adapters == {None}
         n, length = self.graphs.bucket(top, longest) if graphed else (top, longest)
         host = self.host_positions[self.steps % 2]  # the other one may still be copying to the device
         view = host.numpy()

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+import torch
 import ray
 import yaml
 from ray import serve
@@ -245,6 +246,38 @@ def _run(engine: Engine, spec: dict, emit=None) -> tuple[threading.Event, list]:
     ended, box = threading.Event(), []
     engine.submit(engine.prepare(spec), lambda result, error: (box.append((result, error)), ended.set()), emit)
     return ended, box
+
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tmp_path_factory, tokenizer):
+    """A random Llama whose weights are large enough that every attended key moves its logits (a model at the
+    usual init barely looks at its keys), with grouped-query heads: a wrong mask or position shows in its text."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.5, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("sharp")
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_model_dir):
+    # A GPU replays decode graphs captured for bucketed sizes: idle rows, and masked positions past each row's
+    # own. Here the same bucketing runs eagerly: batched so, each request gets the text it gets alone.
+    specs = [{"kind": "completion", "prompt": p, "max_tokens": m, "temperature": t, "seed": 5, "ignore_eos": True}
+             for p, m, t in [(PROMPT, 20, 0.0), ("hi", 7, 1.0), ("List every animal: tiger apple otter", 13, 0.0)]]
+    exact = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, graphs=False)
+    alone = [(r["text"], r["completion_tokens"]) for s in specs for r in exact.generate([exact.prepare(s)])]
+    exact.close()
+    padded = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, max_batch_size=8,
+                    graphs=True)
+    assert padded.decoder.graphs.rows == [1, 2, 4, 8] and not padded.decoder.graphs_on  # no CUDA: not captured
+    batched = [(r["text"], r["completion_tokens"]) for r in padded.generate([padded.prepare(s) for s in specs])]
+    padded.close()
+    assert batched == alone and [n for _, n in alone] == [20, 7, 13]
 
 
 def test_a_request_joins_and_leaves_a_running_batch(model_dir):
