@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 import ray
+import torch
 import yaml
 from ray import serve
 from support.models import save_tiny_model
