@@ -7,6 +7,8 @@ loop of that many clients sends completion requests (greedy, `ignore_eos`: every
 
 - tuneline: serving/generation.py's Engine, in-process (what a model replica runs), with
   max_batch_size = the highest level;
+- tuneline-served (optional): the same engine behind the Ray Serve app, streamed over HTTP through the
+  `openai` client, as a user sees it;
 - baseline: the engine before it, rebuilt here: `model.generate` over a left-padded batch of the requests
   waiting when the model is free (up to the same batch size), fixed until its longest row ends;
 - transformers-cb (--with-transformers-cb, GPU): transformers' own continuous batching
@@ -181,6 +183,52 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args) -> 
     return rows
 
 
+def run_served(model_dir: Path, texts: list[str], levels: list[int], args) -> list[dict]:
+    """The same engine as a user sees it: the Ray Serve app (router + model replica) on a local cluster,
+    streamed over HTTP through the official `openai` client (time to first token = the first text chunk)."""
+    import openai
+    import ray
+    from ray import serve
+
+    from serving.builders import build_app
+    from tuneline.config import Serving
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.run(build_app(str(model_dir), "bench", "alpaca", Serving(
+        max_tokens_limit=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch_size=max(levels),
+        target_ongoing_requests=max(levels))), name="bench", route_prefix="/")
+    async def level(c: int, total: int):
+        async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0,
+                                      timeout=900) as client:  # one per event loop: asyncio.run makes a new one
+            async def one(i: int):
+                start = time.perf_counter()
+                stream = await client.completions.create(
+                    model="bench", prompt=texts[i % len(texts)], max_tokens=args.max_tokens, temperature=0,
+                    stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                ttft, tokens = None, 0
+                async for chunk in stream:
+                    if ttft is None and chunk.choices and chunk.choices[0].text:
+                        ttft = time.perf_counter() - start
+                    if chunk.usage:
+                        tokens = chunk.usage.completion_tokens
+                return tokens, ttft
+
+            return await closed_loop(one, c, total)
+
+    rows = []
+    try:
+        asyncio.run(level(min(8, max(levels)), 8))  # warm-up
+        for c in levels:
+            tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
+            rows.append(row("tuneline-served", c, tokens, wall, ttfts, latencies))
+            print(fmt(rows[-1]), flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
 def run_baseline(model, tok, texts: list[str], levels: list[int], args) -> list[dict]:
     """The engine before continuous batching: whenever the model is free, every waiting request (up to the
     batch size) goes into one left-padded `generate`, which runs until its longest row ends."""
@@ -295,7 +343,9 @@ def main() -> None:
     parser.add_argument("--prompt-words", type=int, default=200, help="words per prompt (default 200)")
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="the engine's prompt limit")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--engines", default="tuneline,baseline", help="of tuneline,baseline,transformers-cb")
+    parser.add_argument("--engines", default="tuneline,baseline",
+                        help="of tuneline, tuneline-served (through Ray Serve and HTTP), baseline, transformers-cb")
+    parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")
     parser.add_argument("--out", type=Path, default=None, help="JSON Lines to append to (default bench/results/"
                                                                 "serve_h200.jsonl on GPU, serve_cpu.jsonl on CPU)")
     args = parser.parse_args()
@@ -325,9 +375,11 @@ def main() -> None:
         rows = []
         if "tuneline" in engines:  # first: it loads the model itself, and frees it before the others load theirs
             rows += [{**r, **meta} for r in run_tuneline(model_dir, texts, levels, args)]
-            gc.collect()
-            if gpu:
-                torch.cuda.empty_cache()
+        if "tuneline-served" in engines:
+            rows += [{**r, **meta} for r in run_served(model_dir, texts, levels, args)]
+        gc.collect()
+        if gpu:
+            torch.cuda.empty_cache()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if gpu else "cpu").eval()
         limit = {**measure_limit(model), **meta}
         print(f"limit: weights {limit['weights_gib']} GiB, copy {limit['copy_tb_s']} TB/s -> "
