@@ -35,6 +35,7 @@ from serving.sampling import Rows, choose
 
 log = logging.getLogger(__name__)
 
+
 class Decoder:
     """The batch loop over one model; `submit` from any thread. `graphs` (default: on a GPU): decode steps in
     CUDA graphs, when no adapter is in use."""
@@ -98,10 +99,12 @@ class Decoder:
         return future.result() if wait else None
 
     def close(self) -> None:
+        """Stop the thread; requests still running or waiting end with an error."""
         with self.cv:
             self.closed = True
             self.cv.notify()
         self.thread.join(timeout=30)
+        self._fail_all(RuntimeError("the engine was closed"))
 
     @property
     def graphs_on(self) -> bool:
