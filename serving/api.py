@@ -190,7 +190,7 @@ class Stats:
         self.statuses: Counter = Counter()
         self.tokens_total = 0
         self.streams = 0
-        self.batch_sizes: Counter = Counter()  # batch size -> requests that rode in a batch of that size
+        self.batch_sizes: Counter = Counter()  # batch size -> requests whose running batch was that size (mean)
         self.recent: deque = deque(maxlen=window)  # (end time, latency, ttft, completion tokens)
 
     def error(self, status: int) -> None:

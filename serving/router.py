@@ -114,7 +114,7 @@ class Router:
         self.requests.inc(tags={"route": "", "status": str(status), "model_version": str(self.version or "")})
 
     def _done(self, route: str, version: str, latency: float, ttft: float | None, gen: dict, stream: bool) -> None:
-        self.stats.done(latency, ttft, gen["completion_tokens"], None if stream else gen.get("batch_size"), stream)
+        self.stats.done(latency, ttft, gen["completion_tokens"], gen.get("batch_size"), stream)
         tags = {"route": route, "model_version": version}
         self.requests.inc(tags={**tags, "status": "200"})
         self.latency.observe(latency, tags=tags)
