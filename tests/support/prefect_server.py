@@ -44,7 +44,19 @@ def prefect_server(folder: Path, port: int, ui: bool = False) -> Iterator[str]:
             mp.setenv("PREFECT_WORKER_QUERY_SECONDS", "1")
             yield url
     finally:
+        _flush_to_server()
         local.stop_process_group(proc.pid)
+
+
+def _flush_to_server(timeout_s: float = 60) -> None:
+    """Send the logs and events that flows run in this process still hold, while their server answers. Left
+    queued, Prefect sends them at interpreter exit to a server that is gone, and the test process then
+    waits on them for half an hour after the last test."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout_s, at_exit=False)
 
 
 def tuneline_cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
