@@ -12,9 +12,9 @@ string waits).
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -29,6 +29,11 @@ from tuneline.models import encode_prompt
 __all__ = ["Engine", "Job", "ModelError"]
 
 PREFILL_TOKENS = {"cuda": 16384, "cpu": 2048}  # prompt tokens prefilled in one forward
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string in `text` begins, if any."""
+    return min((text.index(s) for s in stops if s in text), default=None)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -50,19 +55,20 @@ class _Text:
         self.tokenizer, self.job, self.emit = tokenizer, job, emit
         self.text, self.sent = "", ""
         self.prefix = self.read = 0  # tokens before `prefix` are settled; those up to `read` are in `text`
+        self.before = ""  # the decoded tokens[prefix:read]: they change only when the text grows
 
     def on_token(self, token: int) -> bool:
         tokens = self.job.tokens
-        before = self.tokenizer.decode(tokens[self.prefix:self.read], skip_special_tokens=False)
         now = self.tokenizer.decode(tokens[self.prefix:], skip_special_tokens=False)
-        if len(now) > len(before) and not now.endswith("\ufffd"):  # a whole character more
+        if len(now) > len(self.before) and not now.endswith("\ufffd"):  # a whole character more
             checked = len(self.text)
-            self.text += now[len(before):]
+            self.text += now[len(self.before):]
             self.prefix, self.read = self.read, len(tokens)
+            self.before = self.tokenizer.decode(tokens[self.prefix:self.read], skip_special_tokens=False)
             stops = self.job.stops
             hit = any(self.text.find(s, max(0, checked - len(s) + 1)) >= 0 for s in stops)
             if self.emit is not None:
-                cut = min((self.text.index(s) for s in stops if s in self.text), default=None)
+                cut = _first_stop(self.text, stops)
                 safe = self.text[:cut] if cut is not None else self.text[:len(self.text) - _held_back(self.text, stops)]
                 if len(safe) > len(self.sent):
                     self.emit(safe[len(self.sent):])
@@ -158,46 +164,30 @@ class Engine:
     def _result(self, job: Job, reason: str) -> dict:
         """The answer text up to its first stop string, why it ended, and its counts and times."""
         text = self.tokenizer.decode(job.tokens, skip_special_tokens=False)
-        cut = min((text.index(s) for s in job.stops if s in text), default=None)
+        cut = _first_stop(text, job.stops)
         if cut is not None:
             text, reason = text[:cut], "stop"
         end = time.perf_counter()
         first = job.first_token_at or end
-        return {"text": text, "finish_reason": "length" if reason == "length" else reason,
+        return {"text": text, "finish_reason": reason,
                 "prompt_tokens": len(job.ids), "completion_tokens": len(job.tokens) + job.eos_seen,
                 "batch_size": round(job.batch_rows / job.steps) if job.steps else 1,
                 "generate_s": end - job.arrived, "ttft_s": first - job.arrived, "latency_s": end - job.arrived}
 
-    def _wait(self, job: Job, emit: Callable[[str], None] | None = None) -> tuple[threading.Event, list]:
-        finished, box = threading.Event(), []
-
-        def done(result: dict | None, error: Exception | None) -> None:
-            box.append((result, error))
-            finished.set()
-
-        self.submit(job, done, emit)
-        return finished, box
+    def _future(self, job: Job, emit: Callable[[str], None] | None = None) -> Future:
+        """`submit`, with its result (or error) in a Future."""
+        future: Future = Future()
+        self.submit(job, lambda result, error: future.set_exception(error) if error is not None
+                    else future.set_result(result), emit)
+        return future
 
     def generate(self, jobs: list[Job]) -> list[dict]:
         """Run `jobs` together and wait for all; one result per job, in order (raises a job's error)."""
-        waits = [self._wait(job) for job in jobs]
-        results = []
-        for finished, box in waits:
-            finished.wait()
-            result, error = box[0]
-            if error is not None:
-                raise error
-            results.append(result)
-        return results
+        return [future.result() for future in [self._future(job) for job in jobs]]
 
     def stream(self, job: Job, emit: Callable[[str], None]) -> dict:
         """Run one job, calling `emit` with each piece of its text from the decoding thread; its result."""
-        finished, box = self._wait(job, emit)
-        finished.wait()
-        result, error = box[0]
-        if error is not None:
-            raise error
-        return result
+        return self._future(job, emit).result()
 
     def close(self) -> None:
         self.decoder.close()
