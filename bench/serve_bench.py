@@ -160,15 +160,10 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args) -> 
                     max_batch_size=max(levels))
 
     async def level(c: int, total: int):
-        loop = asyncio.get_running_loop()
-
         async def one(i: int):
             job = engine.prepare({"kind": "completion", "prompt": texts[i % len(texts)], "max_tokens": args.max_tokens,
                                   "temperature": 0.0, "ignore_eos": True})
-            future = loop.create_future()
-            engine.submit(job, lambda r, e: loop.call_soon_threadsafe(
-                future.set_exception if e else future.set_result, e or r))
-            result = await future
+            result = await asyncio.wrap_future(engine.start(job))
             return result["completion_tokens"], result["ttft_s"]
 
         return await closed_loop(one, c, total)

@@ -174,8 +174,8 @@ class Engine:
                 "batch_size": round(job.batch_rows / job.steps) if job.steps else 1,
                 "generate_s": end - job.arrived, "ttft_s": first - job.arrived, "latency_s": end - job.arrived}
 
-    def _future(self, job: Job, emit: Callable[[str], None] | None = None) -> Future:
-        """`submit`, with its result (or error) in a Future."""
+    def start(self, job: Job, emit: Callable[[str], None] | None = None) -> Future:
+        """`submit`, with its result (or error) in a Future (`asyncio.wrap_future` awaits it)."""
         future: Future = Future()
         self.submit(job, lambda result, error: future.set_exception(error) if error is not None
                     else future.set_result(result), emit)
@@ -183,11 +183,11 @@ class Engine:
 
     def generate(self, jobs: list[Job]) -> list[dict]:
         """Run `jobs` together and wait for all; one result per job, in order (raises a job's error)."""
-        return [future.result() for future in [self._future(job) for job in jobs]]
+        return [future.result() for future in [self.start(job) for job in jobs]]
 
     def stream(self, job: Job, emit: Callable[[str], None]) -> dict:
         """Run one job, calling `emit` with each piece of its text from the decoding thread; its result."""
-        return self._future(job, emit).result()
+        return self.start(job, emit).result()
 
     def close(self) -> None:
         self.decoder.close()

@@ -56,20 +56,9 @@ class ModelServer:
         return self.engine.prepare(spec)
 
     async def _start(self, spec: dict, emit=None):
-        """Prepare and submit; returns the job and a future of its result (the engine calls back from its thread)."""
-        loop = asyncio.get_running_loop()
+        """Prepare and submit; returns the job and an asyncio future of its result."""
         job = await self._prepare(spec)
-        future = loop.create_future()
-
-        def settle(result, error) -> None:
-            if not future.done():
-                future.set_exception(error) if error is not None else future.set_result(result)
-
-        def done(result, error) -> None:
-            loop.call_soon_threadsafe(settle, result, error)
-
-        self.engine.submit(job, done, emit)
-        return job, future
+        return job, asyncio.wrap_future(self.engine.start(job, emit))
 
     async def _finish(self, job, future) -> dict:
         """The job's result, or {"error"} when the model failed; cancels the job if this request is cancelled."""
