@@ -153,7 +153,7 @@ def measure_limit(model) -> dict:
             "c1_limit_tokens_per_s": round(copy / weights, 1)}
 
 
-def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args) -> list[dict]:
+def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, keep) -> None:
     from serving.generation import Engine
 
     engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
@@ -169,16 +169,13 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args) -> 
         return await closed_loop(one, c, total)
 
     asyncio.run(level(min(8, max(levels)), 8))  # warm-up
-    rows = []
     for c in levels:
         tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
-        rows.append(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on))
-        print(fmt(rows[-1]), flush=True)
+        keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on))
     engine.close()
-    return rows
 
 
-def run_served(model_dir: Path, texts: list[str], levels: list[int], args) -> list[dict]:
+def run_served(model_dir: Path, texts: list[str], levels: list[int], args, keep) -> None:
     """The same engine as a user sees it: the Ray Serve app (router + model replica) on a local cluster,
     streamed over HTTP through the official `openai` client (time to first token = the first text chunk)."""
     import openai
@@ -211,20 +208,17 @@ def run_served(model_dir: Path, texts: list[str], levels: list[int], args) -> li
 
             return await closed_loop(one, c, total)
 
-    rows = []
     try:
         asyncio.run(level(min(8, max(levels)), 8))  # warm-up
         for c in levels:
             tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
-            rows.append(row("tuneline-served", c, tokens, wall, ttfts, latencies))
-            print(fmt(rows[-1]), flush=True)
+            keep(row("tuneline-served", c, tokens, wall, ttfts, latencies))
     finally:
         serve.shutdown()
         ray.shutdown()
-    return rows
 
 
-def run_baseline(model, tok, texts: list[str], levels: list[int], args) -> list[dict]:
+def run_baseline(model, tok, texts: list[str], levels: list[int], args, keep) -> None:
     """The engine before continuous batching: whenever the model is free, every waiting request (up to the
     batch size) goes into one left-padded `generate`, which runs until its longest row ends."""
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -282,27 +276,23 @@ def run_baseline(model, tok, texts: list[str], levels: list[int], args) -> list[
             task.cancel()
 
     asyncio.run(level(1, 2))  # warm-up
-    rows = []
     for c in levels:
         tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
-        rows.append(row("baseline", c, tokens, wall, ttfts, latencies))
-        print(fmt(rows[-1]), flush=True)
-    return rows
+        keep(row("baseline", c, tokens, wall, ttfts, latencies))
 
 
-def run_transformers_cb(model, tok, texts: list[str], levels: list[int], args) -> list[dict]:
+def run_transformers_cb(model, tok, texts: list[str], levels: list[int], args, keep) -> None:
     """transformers' continuous batching (generate_batch with its CUDA-graph warm-up), in waves of c requests."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     gen = GenerationConfig(max_new_tokens=args.max_tokens, do_sample=False, eos_token_id=-1,
                            pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     ids = [tok(t)["input_ids"] for t in texts]
-    rows = []
     for c in levels:
         cfg = ContinuousBatchingConfig(use_cuda_graph=True, max_requests_per_batch=c)
         try:
             model.generate_batch(ids[:c], generation_config=gen, continuous_batching_config=cfg)  # warm-up, graphs
-            total = max(args.requests, 2 * c)
+            total = 2 * c  # two waves: at c=1 its steps are slow enough that more would take minutes
             tokens, ttfts, latencies = 0, [], []
             start = time.perf_counter()
             for wave in range(0, total, c):
@@ -314,12 +304,32 @@ def run_transformers_cb(model, tok, texts: list[str], levels: list[int], args) -
                     ttfts.append(o.timestamps[0] - o.created_time)
                     latencies.append(o.timestamps[-1] - o.created_time)
         except Exception as e:  # a probe: its failure is a result too
-            rows.append({"engine": "transformers-cb", "concurrency": c, "error": f"{type(e).__name__}: {e}"[:500]})
-            print(f"transformers-cb  c={c:<4} failed: {rows[-1]['error']}", flush=True)
+            keep({"engine": "transformers-cb", "concurrency": c, "error": f"{type(e).__name__}: {e}"[:500]})
             continue
-        rows.append(row("transformers-cb", c, tokens, time.perf_counter() - start, ttfts, latencies, mode="waves"))
-        print(fmt(rows[-1]), flush=True)
-    return rows
+        keep(row("transformers-cb", c, tokens, time.perf_counter() - start, ttfts, latencies, mode="waves"))
+
+
+def check_graphs(model_dir: Path, texts: list[str], args) -> dict:
+    """Do replayed CUDA graphs decode what eager steps decode? The same greedy requests, batched, through an
+    engine with graphs and one without (float32, so the two differ only where kernels of other shapes
+    round differently): the share of requests whose tokens match, and of tokens before a row first differs."""
+    from serving.generation import Engine
+
+    outputs = {}
+    for graphs in (True, False):
+        engine = Engine(str(model_dir), "alpaca", 32, args.max_prompt_tokens, dtype="float32", max_batch_size=16,
+                        graphs=graphs)
+        jobs = [engine.prepare({"kind": "completion", "prompt": " ".join(t.split()[:40]), "max_tokens": 32, "temperature": 0.0,
+                                "ignore_eos": True}) for t in texts[:16]]
+        engine.generate(jobs)
+        outputs[graphs] = ([j.tokens for j in jobs], engine.decoder.graphs_on)
+        engine.close()
+    (graphed, on), (eager, _) = outputs[True], outputs[False]
+    same = sum(a == b for a, b in zip(graphed, eager, strict=True))
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+                 for a, b in zip(graphed, eager, strict=True))
+    return {"check": "cuda graphs vs eager", "cuda_graphs": on, "requests_equal": f"{same}/{len(graphed)}",
+            "tokens_before_first_difference": f"{prefix}/{sum(map(len, graphed))}"}
 
 
 def fmt(r: dict) -> str:
@@ -340,6 +350,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--engines", default="tuneline,baseline",
                         help="of tuneline, tuneline-served (through Ray Serve and HTTP), baseline, transformers-cb")
+    parser.add_argument("--check-graphs", action="store_true",
+                        help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")
     parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")
     parser.add_argument("--out", type=Path, default=None, help="JSON Lines to append to (default bench/results/"
                                                                 "serve_h200.jsonl on GPU, serve_cpu.jsonl on CPU)")
@@ -367,28 +379,34 @@ def main() -> None:
                 "max_tokens": args.max_tokens, "prompt_tokens_mean": round(prompt_tokens, 1),
                 "date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__}
         print(f"{meta}", flush=True)
-        rows = []
+        rows: list[dict] = []
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def keep(r: dict) -> dict:  # written at once: a run cut short still leaves what it measured
+            rows.append({**r, **meta})
+            with out.open("a") as f:
+                f.write(json.dumps(rows[-1]) + "\n")
+            print(fmt(r) if "output_tokens_per_s" in r else json.dumps(r), flush=True)
+            return r
+
+        if args.check_graphs and gpu:
+            keep(check_graphs(build_model("tiny", Path(tmp) / "tiny"), texts, args))
         if "tuneline" in engines:  # first: it loads the model itself, and frees it before the others load theirs
-            rows += [{**r, **meta} for r in run_tuneline(model_dir, texts, levels, args)]
+            run_tuneline(model_dir, texts, levels, args, keep)
         if "tuneline-served" in engines:
-            rows += [{**r, **meta} for r in run_served(model_dir, texts, levels, args)]
+            run_served(model_dir, texts, levels, args, keep)
         gc.collect()
         if gpu:
             torch.cuda.empty_cache()
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to("cuda" if gpu else "cpu").eval()
-        limit = {**measure_limit(model), **meta}
+        limit = keep(measure_limit(model))
         print(f"limit: weights {limit['weights_gib']} GiB, copy {limit['copy_tb_s']} TB/s -> "
               f"{limit['c1_limit_tokens_per_s']} tokens/s at concurrency 1", flush=True)
-        rows.insert(0, limit)
         if "baseline" in engines:
-            rows += [{**r, **meta} for r in run_baseline(model, tok, texts, levels, args)]
+            run_baseline(model, tok, texts, levels, args, keep)
         if "transformers-cb" in engines:
-            rows += [{**r, **meta} for r in run_transformers_cb(model, tok, texts, levels, args)]
+            run_transformers_cb(model, tok, texts, levels, args, keep)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
     by = {(r["engine"], r["concurrency"]): r for r in rows if "engine" in r}
     print(f"\nconcurrency | {' | '.join(f'{e:>16}' for e in engines)} | tuneline / baseline c=1 (unbatched)")
     for c in levels:
