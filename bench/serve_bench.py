@@ -2,8 +2,8 @@
 
 One process, one model, the same requests. For each concurrency level (default 1, 8, 32, 128) a closed
 loop of that many clients sends completion requests (greedy, `ignore_eos`: every request generates
---max-tokens tokens) and the bench reports output tokens/s, time to first token and request latency
-(p50, p95) for
+--max-tokens tokens, or with --mixed its own number between an eighth of that and all) and the bench
+reports output tokens/s, time to first token and request latency (p50, p95) for
 
 - tuneline: serving/generation.py's Engine, in-process (what a model replica runs), with
   max_batch_size = the highest level;
@@ -97,6 +97,14 @@ def prompts(n: int, words: int) -> list[str]:
     return [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n)]
 
 
+def budgets(n: int, args) -> list[int]:
+    """Each request's max_tokens: all --max-tokens, or with --mixed drawn between an eighth of it and all of it
+    (a mix of short and long answers: a batch fixed until its longest row ends wastes the short rows' slots)."""
+    rng = random.Random(SEED + 1)
+    return [rng.randint(max(1, args.max_tokens // 8), args.max_tokens) if args.mixed else args.max_tokens
+            for _ in range(n)]
+
+
 def quantiles(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     q = statistics.quantiles(ordered, n=20, method="inclusive") if len(ordered) > 1 else ordered * 19
@@ -156,13 +164,14 @@ def measure_limit(model) -> dict:
 def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, keep) -> None:
     from serving.generation import Engine
 
+    budget = budgets(len(texts), args)
     engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
                     max_batch_size=max(levels))
 
     async def level(c: int, total: int):
         async def one(i: int):
-            job = engine.prepare({"kind": "completion", "prompt": texts[i % len(texts)], "max_tokens": args.max_tokens,
-                                  "temperature": 0.0, "ignore_eos": True})
+            job = engine.prepare({"kind": "completion", "prompt": texts[i % len(texts)],
+                                  "max_tokens": budget[i % len(texts)], "temperature": 0.0, "ignore_eos": True})
             result = await asyncio.wrap_future(engine.start(job))
             return result["completion_tokens"], result["ttft_s"]
 
@@ -190,13 +199,15 @@ def run_served(model_dir: Path, texts: list[str], levels: list[int], args, keep)
     serve.run(build_app(str(model_dir), "bench", "alpaca", Serving(
         max_tokens_limit=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch_size=max(levels),
         target_ongoing_requests=max(levels))), name="bench", route_prefix="/")
+    budget = budgets(len(texts), args)
+
     async def level(c: int, total: int):
         async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="none", max_retries=0,
                                       timeout=900) as client:  # one per event loop: asyncio.run makes a new one
             async def one(i: int):
                 start = time.perf_counter()
                 stream = await client.completions.create(
-                    model="bench", prompt=texts[i % len(texts)], max_tokens=args.max_tokens, temperature=0,
+                    model="bench", prompt=texts[i % len(texts)], max_tokens=budget[i % len(texts)], temperature=0,
                     stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
                 ttft, tokens = None, 0
                 async for chunk in stream:
@@ -235,17 +246,19 @@ def run_baseline(model, tok, texts: list[str], levels: list[int], args, keep) ->
                 self.at = time.perf_counter()
             return scores
 
-    def generate_batch(batch: list[tuple[str, float]]) -> list[tuple[int, float, float]]:
-        enc = tok([t for t, _ in batch], return_tensors="pt", padding=True).to(model.device)
+    def generate_batch(batch: list[tuple[str, float, int]]) -> list[tuple[int, float]]:
+        """(text, arrival, max_tokens) each; a row's answer is its first max_tokens of the batch's longest."""
+        enc = tok([t for t, _, _ in batch], return_tensors="pt", padding=True).to(model.device)
         first = FirstToken()
+        longest = max(n for _, _, n in batch)
         with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                                 do_sample=False, pad_token_id=pad, logits_processor=LogitsProcessorList([first]))
+            model.generate(**enc, max_new_tokens=longest, min_new_tokens=longest, do_sample=False, pad_token_id=pad,
+                           logits_processor=LogitsProcessorList([first]))
         if model.device.type == "cuda":
             torch.cuda.synchronize()
-        time.perf_counter()
-        n = out.shape[1] - enc["input_ids"].shape[1]
-        return [(n, first.at - arrived) for _, arrived in batch]
+        return [(n, first.at - arrived) for _, arrived, n in batch]
+
+    budget = budgets(len(texts), args)
 
     async def level(c: int, total: int):
         queue: list = []
@@ -259,13 +272,13 @@ def run_baseline(model, tok, texts: list[str], levels: list[int], args, keep) ->
                 while queue:
                     batch, rest = queue[:batch_size], queue[batch_size:]
                     queue[:] = rest
-                    results = await asyncio.to_thread(generate_batch, [(t, a) for t, a, _ in batch])
-                    for (_, _, future), result in zip(batch, results, strict=False):
+                    results = await asyncio.to_thread(generate_batch, [(t, a, n) for t, a, n, _ in batch])
+                    for (*_, future), result in zip(batch, results, strict=True):
                         future.set_result(result)
 
         async def one(i: int):
             future = asyncio.get_running_loop().create_future()
-            queue.append((texts[i % len(texts)], time.perf_counter(), future))
+            queue.append((texts[i % len(texts)], time.perf_counter(), budget[i % len(texts)], future))
             wake.set()
             return await future
 
@@ -319,8 +332,8 @@ def check_graphs(model_dir: Path, texts: list[str], args) -> dict:
     for graphs in (True, False):
         engine = Engine(str(model_dir), "alpaca", 32, args.max_prompt_tokens, dtype="float32", max_batch_size=16,
                         graphs=graphs)
-        jobs = [engine.prepare({"kind": "completion", "prompt": " ".join(t.split()[:40]), "max_tokens": 32, "temperature": 0.0,
-                                "ignore_eos": True}) for t in texts[:16]]
+        jobs = [engine.prepare({"kind": "completion", "prompt": " ".join(t.split()[:40]), "max_tokens": 32,
+                                "temperature": 0.0, "ignore_eos": True}) for t in texts[:16]]
         engine.generate(jobs)
         outputs[graphs] = ([j.tokens for j in jobs], engine.decoder.graphs_on)
         engine.close()
@@ -345,6 +358,8 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8,32,128", help="concurrency levels (default 1,8,32,128)")
     parser.add_argument("--requests", type=int, default=64, help="requests per level, at least 2x the level")
     parser.add_argument("--max-tokens", type=int, default=128, help="new tokens per request (default 128)")
+    parser.add_argument("--mixed", action="store_true",
+                        help="each request's max_tokens drawn between 1/8 of --max-tokens and all of it")
     parser.add_argument("--prompt-words", type=int, default=200, help="words per prompt (default 200)")
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="the engine's prompt limit")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -376,7 +391,8 @@ def main() -> None:
                   else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)")
         prompt_tokens = statistics.mean(len(tok(t)["input_ids"]) for t in texts)
         meta = {"device": device, "model": args.model or "random-init Llama-3.2-1B shape", "dtype": str(dtype)[6:],
-                "max_tokens": args.max_tokens, "prompt_tokens_mean": round(prompt_tokens, 1),
+                "max_tokens": args.max_tokens, "mixed_max_tokens": args.mixed,
+                "prompt_tokens_mean": round(prompt_tokens, 1),
                 "date": datetime.now(UTC).strftime("%Y-%m-%d"), "torch": torch.__version__}
         print(f"{meta}", flush=True)
         rows: list[dict] = []
