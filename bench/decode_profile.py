@@ -1,0 +1,114 @@
+"""Where a decode step's time goes on this machine: the device's share and the host's, per part.
+
+Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prints
+- the cost of the CUDA calls a step makes on this host: a tiny kernel launch, an event record and
+  synchronize, a pinned host-to-device copy;
+- a captured decode graph's replay time (device) for a few (rows, length) buckets;
+- the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
+  each part of the decoder loop, at pipeline depth 1 and 2.
+
+    python bench/decode_profile.py
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import serve_bench as sb  # noqa: E402 - the same model and prompts
+
+from serving import decoding  # noqa: E402
+
+
+def per_call_us(fn, n: int = 2000) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return 1e6 * (time.perf_counter() - start) / n
+
+
+def cuda_calls() -> None:
+    x = torch.zeros(16, device="cuda")
+    pinned = torch.zeros(16, dtype=torch.long, pin_memory=True)
+    dev = torch.zeros(16, dtype=torch.long, device="cuda")
+
+    def record_sync():
+        e = torch.cuda.Event()
+        e.record()
+        e.synchronize()
+
+    print(f"launch {per_call_us(lambda: x.add_(1)):.1f} us, event record+sync {per_call_us(record_sync):.1f} us, "
+          f"pinned H2D {per_call_us(lambda: dev.copy_(pinned, non_blocking=True)):.1f} us, "
+          f"D2H pinned {per_call_us(lambda: pinned.copy_(dev, non_blocking=True)):.1f} us", flush=True)
+
+
+def timed(acc: collections.Counter, name: str) -> None:
+    f = getattr(decoding.Decoder, name)
+
+    def g(self, *a, **k):
+        t = time.perf_counter()
+        try:
+            return f(self, *a, **k)
+        finally:
+            acc[name] += time.perf_counter() - t
+
+    setattr(decoding.Decoder, name, g)
+
+
+def main() -> None:
+    from serving.generation import Engine
+
+    tmp = Path(tempfile.mkdtemp(prefix="decode-profile-"))
+    model_dir = sb.build_model("llama-1b", tmp / "model")
+    texts = sb.prompts(64, 200)
+    cuda_calls()
+    engine = Engine(str(model_dir), "alpaca", 128, 512, max_batch_size=128)
+    d = engine.decoder
+    for n, length in [(1, 512), (8, 512), (32, 512), (128, 512), (128, 640)]:
+        graph, _ = d.graphs.get(n, length)
+        print(f"replay rows {n:>3} length {length}: {per_call_us(graph.replay, 200):8.1f} us", flush=True)
+        eager = per_call_us(lambda n=n, length=length: d._step(n, length), 20)
+        print(f"eager  rows {n:>3} length {length}: {eager:8.1f} us", flush=True)
+    acc: collections.Counter = collections.Counter()
+    for name in ["_finish", "_decode", "_record", "_prefill", "_admit"]:
+        timed(acc, name)
+    choose = decoding.choose
+
+    def timed_choose(*a):
+        t = time.perf_counter()
+        try:
+            return choose(*a)
+        finally:
+            acc["choose"] += time.perf_counter() - t
+
+    decoding.choose = timed_choose
+    for depth in (1, 2):
+        d.depth = depth
+        for c in (1, 32):
+            jobs = [engine.prepare({"kind": "completion", "prompt": texts[i], "max_tokens": 128, "temperature": 0.0,
+                                    "ignore_eos": True}) for i in range(c)]
+            engine.generate(jobs)  # warm
+            jobs = [engine.prepare({"kind": "completion", "prompt": texts[i], "max_tokens": 128, "temperature": 0.0,
+                                    "ignore_eos": True}) for i in range(c)]
+            acc.clear()
+            steps = d.steps
+            start = time.perf_counter()
+            engine.generate(jobs)
+            wall = time.perf_counter() - start
+            n = d.steps - steps
+            print(f"depth {depth} c={c:<3} {n} steps, {1000 * wall / n:.3f} ms/step, {c * 128 / wall:.0f} tok/s; "
+                  f"host ms/step: " + ", ".join(f"{k} {1000 * v / n:.3f}" for k, v in sorted(acc.items())), flush=True)
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()
