@@ -3,7 +3,8 @@
 Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prints
 - the cost of the CUDA calls a step makes on this host: a tiny kernel launch, an event record and
   synchronize, a pinned host-to-device copy;
-- a captured decode graph's replay time (device) for a few (rows, length) buckets;
+- a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
+  captures, of the plain step, and the plain step without a graph;
 - the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
   each part of the decoder loop, at pipeline depth 1 and 2.
 
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import serve_bench as sb  # noqa: E402 - the same model and prompts
 
 from serving import decoding  # noqa: E402
+from serving.cuda_graphs import DecodeGraphs  # noqa: E402
 
 
 def per_call_us(fn, n: int = 2000) -> float:
@@ -71,13 +73,19 @@ def main() -> None:
     model_dir = sb.build_model("llama-1b", tmp / "model")
     texts = sb.prompts(64, 200)
     cuda_calls()
+    start = time.perf_counter()
     engine = Engine(str(model_dir), "alpaca", 128, 512, max_batch_size=128)
     d = engine.decoder
-    for n, length in [(1, 512), (8, 512), (32, 512), (128, 512), (128, 640)]:
-        graph, _ = d.graphs.get(n, length)
-        print(f"replay rows {n:>3} length {length}: {per_call_us(graph.replay, 200):8.1f} us", flush=True)
+    print(f"engine ready in {time.perf_counter() - start:.1f} s (compile and capture), graphs on: {d.graphs_on}, "
+          f"compiled: {d.graphs.fallback is not None}", flush=True)
+    plain = DecodeGraphs(d._step, d.slots, d.length)
+    for n, length in [(1, 512), (8, 512), (32, 512), (128, 512)]:
+        replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g in [("compiled", d.graphs),
+                                                                                   ("plain", plain)]}
         eager = per_call_us(lambda n=n, length=length: d._step(n, length), 20)
-        print(f"eager  rows {n:>3} length {length}: {eager:8.1f} us", flush=True)
+        print(f"rows {n:>3} length {length}: graph of the compiled step {replay['compiled']:8.1f} us, of the plain "
+              f"step {replay['plain']:8.1f} us, no graph {eager:8.1f} us", flush=True)
+    del plain
     acc: collections.Counter = collections.Counter()
     for name in ["_finish", "_decode", "_record", "_prefill", "_admit"]:
         timed(acc, name)

@@ -1,5 +1,7 @@
 """CUDA graphs of the decoder's decode step (serving/decoding.py): captured once per (rows, attended length)
 bucket, then replayed, so a step costs one launch rather than the hundreds of small kernels of an eager forward.
+On a GPU the step captured is a torch.compile'd one: Inductor fuses the small kernels (norms, rotary
+embeddings, activations), which otherwise take more of a step's device time than reading the weights.
 
 A step of n running rows over positions up to L runs the graph of the smallest buckets holding them: rows
 1, 2, 4, ... up to the cache's slots, lengths 128, 256, ... up to the cache's length. The extra rows and
@@ -26,10 +28,14 @@ def _bucket(n: int, sizes: list[int]) -> int:
 class DecodeGraphs:
     """`step(n, length)` (a decode forward over rows 0..n-1 whose inputs live in fixed device buffers, returning
     its logits) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly.
-    `capture=False` (CPU): steps are bucketed the same way and run eagerly (what the tests check)."""
+    `capture=False` (CPU): steps are bucketed the same way and run without graphs (what the tests check).
+    `compile`: run `step` through torch.compile (dynamic shapes: one compilation serves the buckets), and fall
+    back to the plain `step` if the compiled one fails."""
 
-    def __init__(self, step: Callable[[int, int], torch.Tensor], slots: int, length: int, capture: bool = True):
-        self.step, self.capture = step, capture
+    def __init__(self, step: Callable[[int, int], torch.Tensor], slots: int, length: int, capture: bool = True,
+                 compile: bool = False):
+        self.capture = capture
+        self.step, self.fallback = (torch.compile(step, dynamic=True), step) if compile else (step, None)
         self.rows = [r for r in GRAPH_ROWS if r < slots] + [slots]
         self.lengths = [n for n in (MIN_GRAPH_LENGTH << i for i in range(20)) if n < length] + [length]
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -63,6 +69,11 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=self.pool):
                     logits = self.step(n, length)
             except Exception:
+                if self.fallback is not None:
+                    log.exception("the compiled decode step failed: capturing the plain one")
+                    self.step, self.fallback = self.fallback, None
+                    self.graphs.clear()
+                    return self.get(n, length)
                 log.exception("this model's decode step cannot be captured as a CUDA graph: decoding eagerly")
                 self.on = False
                 return None

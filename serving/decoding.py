@@ -38,19 +38,20 @@ log = logging.getLogger(__name__)
 
 class Decoder:
     """The batch loop over one model; `submit` from any thread. `graphs` (default: on a GPU): decode steps in
-    CUDA graphs, when no adapter is in use."""
+    CUDA graphs, when no adapter is in use. `compile` (default: with graphs on a GPU): the graphs' step is
+    torch.compile'd (dynamic shapes: one compilation for every bucket, a minute or so at start)."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, compile: bool | None = None):
         self.model, self.eos_ids, self.pad_id = model, sorted(eos_ids), pad_id
         self.device = next(model.parameters()).device
         model.set_attn_implementation(ATTENTION)
-        dtype = next(model.parameters()).dtype
-        self.cache = SlotCache(model.config, slots, length, dtype, self.device)
+        self.cache = SlotCache(model.config, slots, length, next(model.parameters()).dtype, self.device)
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
         use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)
-        self.graphs = DecodeGraphs(self._step, slots, length, capture=self.cuda) if use else None
+        self.graphs = DecodeGraphs(self._step, slots, length, capture=self.cuda,
+                                   compile=self.cuda if compile is None else compile) if use else None
         # Device-side inputs of a decode step: each slot's next token and its position.
         self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -106,12 +107,10 @@ class Decoder:
         self.thread.join(timeout=30)
         self._fail_all(RuntimeError("the engine was closed"))
 
-    @property
-    def graphs_on(self) -> bool:
-        return self.graphs is not None and self.graphs.on and self.graphs.capture
+    graphs_on = property(lambda self: self.graphs is not None and self.graphs.on and self.graphs.capture)
 
     def warm_up(self) -> None:
-        """Capture every decode graph now (a second or so), rather than stalling the first requests of each size."""
+        """Compile and capture every decode step now (a minute or so), not during the first requests of each size."""
         if self.graphs is not None:
             self.call(self.graphs.capture_all)
 
@@ -203,7 +202,7 @@ class Decoder:
             graph.replay()
         elif len(adapters) == 1:
             self._use(next(iter(adapters)))
-            logits = self._step(n, length)
+            logits = (self.graphs.step if graphed else self._step)(n, length)
         else:  # rows of several adapters: one forward per adapter, over its own slots
             logits = None
             for adapter, group in by_adapter(rows):

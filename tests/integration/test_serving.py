@@ -264,16 +264,19 @@ def sharp_model_dir(tmp_path_factory, tokenizer):
     return path
 
 
-def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_model_dir):
-    # A GPU replays decode graphs captured for bucketed sizes: idle rows, and masked positions past each row's
-    # own. Here the same bucketing runs eagerly: batched so, each request gets the text it gets alone.
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_model_dir, compile):
+    # A GPU replays decode graphs, of a torch.compile'd step, captured for bucketed sizes: idle rows, and masked
+    # positions past each row's own. Here the same bucketing runs without graphs, the step plain or compiled
+    # (Inductor's CPU code): batched so, each request gets the text it gets alone.
     specs = [{"kind": "completion", "prompt": p, "max_tokens": m, "temperature": t, "seed": 5, "ignore_eos": True}
              for p, m, t in [(PROMPT, 20, 0.0), ("hi", 7, 1.0), ("List every animal: tiger apple otter", 13, 0.0)]]
     exact = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, graphs=False)
     alone = [(r["text"], r["completion_tokens"]) for s in specs for r in exact.generate([exact.prepare(s)])]
     exact.close()
     padded = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, max_batch_size=8,
-                    graphs=True)
+                    graphs=True, compile=compile)
+    assert (padded.decoder.graphs.fallback is not None) == compile
     assert padded.decoder.graphs.rows == [1, 2, 4, 8] and not padded.decoder.graphs_on  # no CUDA: not captured
     batched = [(r["text"], r["completion_tokens"]) for r in padded.generate([padded.prepare(s) for s in specs])]
     padded.close()
