@@ -66,6 +66,15 @@ def timed(acc: collections.Counter, name: str) -> None:
     setattr(decoding.Decoder, name, g)
 
 
+def step_times(d, plain: DecodeGraphs) -> None:
+    for n, length in [(1, 512), (8, 512), (32, 512), (128, 512)]:
+        replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g in [("compiled", d.graphs),
+                                                                                   ("plain", plain)]}
+        eager = per_call_us(lambda n=n, length=length: d._step(n, length), 20)
+        print(f"rows {n:>3} length {length}: graph of the compiled step {replay['compiled']:8.1f} us, of the plain "
+              f"step {replay['plain']:8.1f} us, no graph {eager:8.1f} us", flush=True)
+
+
 def main() -> None:
     from serving.generation import Engine
 
@@ -79,13 +88,10 @@ def main() -> None:
     print(f"engine ready in {time.perf_counter() - start:.1f} s (compile and capture), graphs on: {d.graphs_on}, "
           f"compiled: {d.graphs.fallback is not None}", flush=True)
     plain = DecodeGraphs(d._step, d.slots, d.length)
-    for n, length in [(1, 512), (8, 512), (32, 512), (128, 512)]:
-        replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g in [("compiled", d.graphs),
-                                                                                   ("plain", plain)]}
-        eager = per_call_us(lambda n=n, length=length: d._step(n, length), 20)
-        print(f"rows {n:>3} length {length}: graph of the compiled step {replay['compiled']:8.1f} us, of the plain "
-              f"step {replay['plain']:8.1f} us, no graph {eager:8.1f} us", flush=True)
+    with torch.inference_mode():
+        step_times(d, plain)
     del plain
+
     acc: collections.Counter = collections.Counter()
     for name in ["_finish", "_decode", "_record", "_prefill", "_admit"]:
         timed(acc, name)
