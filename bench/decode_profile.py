@@ -83,7 +83,7 @@ def main() -> None:
     texts = sb.prompts(64, 200)
     cuda_calls()
     start = time.perf_counter()
-    engine = Engine(str(model_dir), "alpaca", 128, 512, max_batch_size=128)
+    engine = Engine(str(model_dir), "alpaca", 128, 512, max_batch_size=128, compile=True)
     d = engine.decoder
     print(f"engine ready in {time.perf_counter() - start:.1f} s (compile and capture), graphs on: {d.graphs_on}, "
           f"compiled: {d.graphs.fallback is not None}", flush=True)

@@ -166,7 +166,7 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
 
     budget = budgets(len(texts), args)
     engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
-                    max_batch_size=max(levels))
+                    max_batch_size=max(levels), compile=args.compile_decode)
 
     async def level(c: int, total: int):
         async def one(i: int):
@@ -180,7 +180,8 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
     asyncio.run(level(min(8, max(levels)), 8))  # warm-up
     for c in levels:
         tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
-        keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on))
+        keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on,
+                 compiled_step=args.compile_decode))
     engine.close()
 
 
@@ -331,7 +332,7 @@ def check_graphs(model_dir: Path, texts: list[str], args) -> dict:
     outputs = {}
     for graphs in (True, False):
         engine = Engine(str(model_dir), "alpaca", 32, args.max_prompt_tokens, dtype="float32", max_batch_size=16,
-                        graphs=graphs)
+                        graphs=graphs, compile=graphs and args.compile_decode)
         jobs = [engine.prepare({"kind": "completion", "prompt": " ".join(t.split()[:40]), "max_tokens": 32,
                                 "temperature": 0.0, "ignore_eos": True}) for t in texts[:16]]
         engine.generate(jobs)
@@ -365,6 +366,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--engines", default="tuneline,baseline",
                         help="of tuneline, tuneline-served (through Ray Serve and HTTP), baseline, transformers-cb")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="serving.compile_decode: the engine's decode step torch.compile'd (GPU: minutes at start)")
     parser.add_argument("--check-graphs", action="store_true",
                         help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")
     parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")

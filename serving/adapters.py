@@ -48,8 +48,10 @@ class AdapterServer(ModelServer.func_or_class):
     forward per adapter among its rows (serving/decoding.py)."""
 
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
-                 tracking_uri: str | None, max_batch_size: int, *, adapters: dict[str, str], max_loaded: int):
-        super().__init__(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size)
+                 tracking_uri: str | None, max_batch_size: int, compile_decode: bool = False, *,
+                 adapters: dict[str, str], max_loaded: int):
+        super().__init__(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri, max_batch_size,
+                         compile_decode)
         self.tracking_uri, self.sources, self.max_loaded = tracking_uri, dict(adapters), max_loaded
         self.peft = None  # the PeftModel around the base while any adapter is loaded
         self.loaded: dict[str, tuple[str, int]] = {}  # adapter -> (its PEFT key, bytes of its weights)

@@ -61,7 +61,7 @@ def model_server(model: str, template: str, serving: Serving, tracking_uri: str 
                             "target_ongoing_requests": s.target_ongoing_requests},
     )
     return deployment.bind(model, template, s.max_tokens_limit, s.max_prompt_tokens, tracking_uri, s.max_batch_size,
-                           **extra)
+                           s.compile_decode, **extra)
 
 
 def build_app(model: str, served_name: str, template: str, serving: Serving, tracking_uri: str | None = None):
@@ -84,7 +84,7 @@ def build_router_app(served_name: str, serving: Serving, active_app: str | None,
 
 # What a Serve config may set of `serving`; the rest (host, port, app_name, ...) belongs to the deploy stage.
 SERVING_KEYS = ("max_tokens_limit", "max_prompt_tokens", "api_key_env", "max_request_bytes", "max_batch_size",
-                "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica")
+                "compile_decode", "min_replicas", "max_replicas", "target_ongoing_requests", "gpus_per_replica")
 
 
 class AppArgs(BaseModel):

@@ -38,11 +38,11 @@ log = logging.getLogger(__name__)
 
 class Decoder:
     """The batch loop over one model; `submit` from any thread. `graphs` (default: on a GPU): decode steps in
-    CUDA graphs, when no adapter is in use. `compile` (default: with graphs on a GPU): the graphs' step is
-    torch.compile'd (dynamic shapes: one compilation for every bucket, a minute or so at start)."""
+    CUDA graphs, when no adapter is in use. `compile`: the graphs' step is torch.compile'd (dynamic shapes:
+    one compilation serves every bucket; on a GPU minutes at start, serving.compile_decode)."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
-                 graphs: bool | None = None, compile: bool | None = None):
+                 graphs: bool | None = None, compile: bool = False):
         self.model, self.eos_ids, self.pad_id = model, sorted(eos_ids), pad_id
         self.device = next(model.parameters()).device
         model.set_attn_implementation(ATTENTION)
@@ -51,7 +51,7 @@ class Decoder:
         self.cuda = self.device.type == "cuda"
         use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)
         self.graphs = DecodeGraphs(self._step, slots, length, capture=self.cuda,
-                                   compile=self.cuda if compile is None else compile) if use else None
+                                   compile=bool(compile)) if use else None
         # Device-side inputs of a decode step: each slot's next token and its position.
         self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -110,7 +110,7 @@ class Decoder:
     graphs_on = property(lambda self: self.graphs is not None and self.graphs.on and self.graphs.capture)
 
     def warm_up(self) -> None:
-        """Compile and capture every decode step now (a minute or so), not during the first requests of each size."""
+        """Capture (and compile) every decode step now, not during the first requests of each size."""
         if self.graphs is not None:
             self.call(self.graphs.capture_all)
 

@@ -82,7 +82,7 @@ class Engine:
 
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
                  tracking_uri: str | None = None, dtype: str = "auto", threads: int | None = None,
-                 max_batch_size: int = 8, graphs: bool | None = None, compile: bool | None = None):
+                 max_batch_size: int = 8, graphs: bool | None = None, compile: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.model_dir, self.source = resolve_model(model, tracking_uri)
