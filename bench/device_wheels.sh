@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
   serve) pkgs="transformers huggingface-hub tokenizers safetensors kernels tomlkit hf-xet httpx2 httpcore2 h11 click
                typer fastapi starlette annotated-doc opentelemetry-api importlib-metadata zipp anyio sniffio regex
+               truststore
                pydantic pydantic-core typing-inspection annotated-types" ;;
   train) pkgs="datasets dill fsspec multiprocess trl pydantic pydantic-core typing-inspection annotated-types"
          extra="liger-kernel==0.8.5" ;;  # the peer's kernels: not a Tuneline dependency, so not in the lock
