@@ -376,6 +376,8 @@ def main() -> None:
     args = parser.parse_args()
     if not args.model and not args.llama_1b:
         parser.error("give a model folder or --llama-1b")
+    if args.mixed and "transformers-cb" in args.engines:
+        parser.error("--mixed: transformers-cb takes one max_tokens for all its requests")
     gpu = torch.cuda.is_available()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -50,8 +50,7 @@ class Decoder:
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
         use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)
-        self.graphs = DecodeGraphs(self._step, slots, length, capture=self.cuda,
-                                   compile=bool(compile)) if use else None
+        self.graphs = DecodeGraphs(self._step, slots, length, capture=self.cuda, compile=compile) if use else None
         # Device-side inputs of a decode step: each slot's next token and its position.
         self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
@@ -107,7 +106,9 @@ class Decoder:
         self.thread.join(timeout=30)
         self._fail_all(RuntimeError("the engine was closed"))
 
-    graphs_on = property(lambda self: self.graphs is not None and self.graphs.on and self.graphs.capture)
+    @property
+    def graphs_on(self) -> bool:
+        return self.graphs is not None and self.graphs.on and self.graphs.capture
 
     def warm_up(self) -> None:
         """Capture (and compile) every decode step now, not during the first requests of each size."""
