@@ -4,15 +4,16 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - the cost of the CUDA calls a step makes on this host: a tiny kernel launch, an event record and
   synchronize, a pinned host-to-device copy;
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
-  captures, of the plain step, and the plain step without a graph;
+  captures (unless --no-compile), of the plain step, and the plain step without a graph;
 - the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
   each part of the decoder loop, at pipeline depth 1 and 2.
 
-    python bench/decode_profile.py
+    python bench/decode_profile.py [--no-compile]
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import sys
 import tempfile
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import serve_bench as sb  # noqa: E402 - the same model and prompts
 
-from serving import decoding  # noqa: E402
+from serving import decoding, forward  # noqa: E402
 from serving.cuda_graphs import DecodeGraphs  # noqa: E402
 
 
@@ -53,8 +54,8 @@ def cuda_calls() -> None:
           f"D2H pinned {per_call_us(lambda: pinned.copy_(dev, non_blocking=True)):.1f} us", flush=True)
 
 
-def timed(acc: collections.Counter, name: str) -> None:
-    f = getattr(decoding.Decoder, name)
+def timed(acc: collections.Counter, name: str, owner=decoding.Decoder) -> None:
+    f = getattr(owner, name)
 
     def g(self, *a, **k):
         t = time.perf_counter()
@@ -63,31 +64,36 @@ def timed(acc: collections.Counter, name: str) -> None:
         finally:
             acc[name] += time.perf_counter() - t
 
-    setattr(decoding.Decoder, name, g)
+    setattr(owner, name, g)
 
 
-def step_times(d, plain: DecodeGraphs) -> None:
+def step_times(d, plain: DecodeGraphs | None) -> None:
+    graphs = [("compiled", d.graphs), ("plain", plain)] if plain is not None else [("plain", d.graphs)]
     for n, length in [(1, 512), (8, 512), (32, 512), (128, 512)]:
-        replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g in [("compiled", d.graphs),
-                                                                                   ("plain", plain)]}
-        eager = per_call_us(lambda n=n, length=length: d._step(n, length), 20)
-        print(f"rows {n:>3} length {length}: graph of the compiled step {replay['compiled']:8.1f} us, of the plain "
-              f"step {replay['plain']:8.1f} us, no graph {eager:8.1f} us", flush=True)
+        replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g in graphs}
+        eager = per_call_us(lambda n=n, length=length: d.forward.pick(n, length), 20)
+        print(f"rows {n:>3} length {length}: graph of the " + ", of the ".join(
+            f"{name} step {us:8.1f} us" for name, us in replay.items()) + f", no graph {eager:8.1f} us", flush=True)
 
 
 def main() -> None:
     from serving.generation import Engine
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="plain decode step only (saves the minutes of compiling a 1B model)")
+    args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="decode-profile-"))
     model_dir = sb.build_model("llama-1b", tmp / "model")
     texts = sb.prompts(64, 200)
     cuda_calls()
     start = time.perf_counter()
-    engine = Engine(str(model_dir), "alpaca", 128, 512, max_batch_size=128, compile=True)
+    engine = Engine(str(model_dir), "alpaca", 128, 512, max_batch_size=128, compile=args.compile)
     d = engine.decoder
     print(f"engine ready in {time.perf_counter() - start:.1f} s (compile and capture), graphs on: {d.graphs_on}, "
           f"compiled: {d.graphs.fallback is not None}", flush=True)
-    plain = DecodeGraphs(d._step, d.slots, d.length)
+    plain = DecodeGraphs(d.forward.pick, d.slots, d.length) if args.compile else None
     with torch.inference_mode():
         step_times(d, plain)
     del plain
@@ -95,16 +101,7 @@ def main() -> None:
     acc: collections.Counter = collections.Counter()
     for name in ["_finish", "_decode", "_record", "_prefill", "_admit"]:
         timed(acc, name)
-    choose = decoding.choose
-
-    def timed_choose(*a):
-        t = time.perf_counter()
-        try:
-            return choose(*a)
-        finally:
-            acc["choose"] += time.perf_counter() - t
-
-    decoding.choose = timed_choose
+    timed(acc, "sample", forward.Forward)
     for depth in (1, 2):
         d.depth = depth
         for c in (1, 32):

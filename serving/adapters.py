@@ -105,7 +105,7 @@ class AdapterServer(ModelServer.func_or_class):
             if self.peft is None:  # PeftModel.from_pretrained, in two steps: a failed load can be undone
                 config = PeftConfig.from_pretrained(str(folder))
                 config.inference_mode = True
-                self.peft = self.engine.decoder.model = PeftModel(self.engine.model, config, adapter_name=key)
+                self.peft = self.engine.decoder.forward.model = PeftModel(self.engine.model, config, adapter_name=key)
             self.peft.load_adapter(str(folder), adapter_name=key)
         except Exception:
             if self.peft is not None and key in self.peft.peft_config:
@@ -125,7 +125,7 @@ class AdapterServer(ModelServer.func_or_class):
         if len(self.peft.peft_config) > 1:
             self.peft.delete_adapter(key)
         else:  # a PeftModel cannot run with no adapter: back to the bare base
-            self.engine.model = self.engine.decoder.model = self.peft.unload()
+            self.engine.model = self.engine.decoder.forward.model = self.peft.unload()
             self.peft = None
         self.active = UNKNOWN
 

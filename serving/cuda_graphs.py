@@ -1,4 +1,4 @@
-"""CUDA graphs of the decoder's decode step (serving/decoding.py): captured once per (rows, attended length)
+"""CUDA graphs of the decoder's decode step (serving/forward.py's `pick`): captured once per (rows, attended length)
 bucket, then replayed, so a step costs one launch rather than the hundreds of small kernels of an eager forward.
 With serving.compile_decode the step captured is a torch.compile'd one: Inductor fuses the small kernels
 (norms, rotary embeddings, activations), which otherwise take more of a step's device time than reading
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 GRAPH_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_GRAPH_LENGTH = 128
+Outputs = tuple[torch.Tensor, ...]
 
 
 def _bucket(n: int, sizes: list[int]) -> int:
@@ -28,18 +29,18 @@ def _bucket(n: int, sizes: list[int]) -> int:
 
 class DecodeGraphs:
     """`step(n, length)` (a decode forward over rows 0..n-1 whose inputs live in fixed device buffers, returning
-    its logits) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly.
+    its output tensors) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly.
     `capture=False` (CPU): steps are bucketed the same way and run without graphs (what the tests check).
     `compile`: run `step` through torch.compile (dynamic shapes: one compilation serves the buckets), and fall
     back to the plain `step` if the compiled one fails."""
 
-    def __init__(self, step: Callable[[int, int], torch.Tensor], slots: int, length: int, capture: bool = True,
+    def __init__(self, step: Callable[[int, int], Outputs], slots: int, length: int, capture: bool = True,
                  compile: bool = False):
         self.capture = capture
         self.step, self.fallback = (torch.compile(step, dynamic=True), step) if compile else (step, None)
         self.rows = [r for r in GRAPH_ROWS if r < slots] + [slots]
         self.lengths = [n for n in (MIN_GRAPH_LENGTH << i for i in range(20)) if n < length] + [length]
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Outputs]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.on = True
 
@@ -54,8 +55,9 @@ class DecodeGraphs:
                 if self.on:
                     self.get(n, length)
 
-    def get(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor] | None:
-        """The graph for this bucket and its output logits, captured on first use; None if it is not captured."""
+    def get(self, n: int, length: int) -> tuple[torch.cuda.CUDAGraph, Outputs] | None:
+        """The graph for this bucket and its outputs (overwritten by each replay), captured on first use; None if
+        it is not captured."""
         if not self.capture:
             return None
         if (n, length) not in self.graphs:
@@ -68,7 +70,7 @@ class DecodeGraphs:
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    logits = self.step(n, length)
+                    outputs = self.step(n, length)
             except Exception:
                 if self.fallback is not None:
                     log.exception("the compiled decode step failed: capturing the plain one")
@@ -78,5 +80,5 @@ class DecodeGraphs:
                 log.exception("this model's decode step cannot be captured as a CUDA graph: decoding eagerly")
                 self.on = False
                 return None
-            self.graphs[(n, length)] = (graph, logits)
+            self.graphs[(n, length)] = (graph, outputs)
         return self.graphs[(n, length)]

@@ -1,10 +1,10 @@
 """Continuous batching: requests join and leave the running batch at every step.
 
-`Decoder` owns a model, its slot cache (serving/kv_cache.py) and a thread that loops:
+`Decoder` owns the model's forwards over its slot cache (serving/forward.py) and a thread that loops:
 1. admit: waiting jobs take free slots and are prefilled together (right-padded, up to a token budget);
    their first tokens are sampled at once.
 2. decode: one token for every running row in one forward; on a GPU a replayed CUDA graph
-   (serving/cuda_graphs.py).
+   (serving/cuda_graphs.py) that also picks the greedy tokens.
 3. finish the step before: its tokens reach the host while this one runs on the device, so the host
    work (stop checks, streaming) overlaps it. A row that ended computes one token more, dropped.
 
@@ -29,9 +29,8 @@ import numpy as np
 import torch
 
 from serving.cuda_graphs import DecodeGraphs
+from serving.forward import Forward
 from serving.job import Job, ModelError, by_adapter
-from serving.kv_cache import ATTENTION, SlotCache, decode_mask
-from serving.sampling import Rows, choose
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +42,14 @@ class Decoder:
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
                  graphs: bool | None = None, compile: bool = False):
-        self.model, self.eos_ids, self.pad_id = model, sorted(eos_ids), pad_id
-        self.device = next(model.parameters()).device
-        model.set_attn_implementation(ATTENTION)
-        self.cache = SlotCache(model.config, slots, length, next(model.parameters()).dtype, self.device)
+        self.eos_ids, self.pad_id = sorted(eos_ids), pad_id
+        self.forward = Forward(model, slots, length, pad_id, self.eos_ids)
+        self.device, self.cache = self.forward.device, self.forward.cache
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
         use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)
-        self.graphs = DecodeGraphs(self._step, slots, length, capture=self.cuda, compile=compile) if use else None
-        # Device-side inputs of a decode step: each slot's next token and its position.
-        self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)
-        self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.ban_eos = torch.zeros(slots, dtype=torch.bool, device=self.device)
-        self.eos = torch.tensor(self.eos_ids, device=self.device)
+        self.graphs = DecodeGraphs(self.forward.pick, slots, length, capture=self.cuda, compile=compile) \
+            if use else None
         self.host_positions = [torch.zeros(slots, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self.host_tokens: list[torch.Tensor] = []  # free host buffers for a step's tokens (pinned on a GPU)
         self.depth = 1 if self.cuda else 0  # steps left in flight while the host reads the one before
@@ -161,7 +155,6 @@ class Decoder:
     def _prefill(self, admitted: list[tuple[int, Job]]) -> None:
         for adapter, group in by_adapter(admitted):
             self._use(adapter)
-            slots = [s for s, _ in group]
             width = max(len(j.ids) for _, j in group)
             ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
             for i, (slot, job) in enumerate(group):
@@ -170,17 +163,9 @@ class Decoder:
                 ids[i, :len(job.ids)] = torch.tensor(job.ids)
                 job.generator = torch.Generator(self.device).manual_seed(
                     job.seed if job.seed is not None else random.getrandbits(63))
-            slot_t = torch.tensor(slots, device=self.device)
-            ids = ids.to(self.device, non_blocking=True)
-            self.cache.prefill(slot_t)
-            hidden = self.model.get_decoder()(input_ids=ids, cache=self.cache, use_cache=True,
-                                              position_ids=torch.arange(width, device=self.device)[None]
-                                              ).last_hidden_state
-            last = torch.tensor([len(j.ids) - 1 for _, j in group], device=self.device)
-            logits = self.model.get_output_embeddings()(hidden[torch.arange(len(group), device=self.device), last])
-            self.ban_eos[slot_t] = torch.tensor([j.ignore_eos for _, j in group], device=self.device)
-            tokens = choose(logits, Rows([j for _, j in group], self.ban_eos[slot_t], self.eos))
-            self.next_ids[slot_t] = tokens.clamp(min=0)
+            jobs = [j for _, j in group]
+            tokens = self.forward.prefill(ids, [len(j.ids) for j in jobs], [s for s, _ in group],
+                                          [j.ignore_eos for j in jobs], jobs)
             self._record(tokens, [(i, s, j) for i, (s, j) in enumerate(group)])
 
     def _decode(self) -> None:
@@ -196,42 +181,32 @@ class Decoder:
         view[:n] = 0
         view[slots] = self.pos[slots]
         self.pos[slots] += 1
-        self.positions[:n].copy_(host[:n], non_blocking=True)
+        self.forward.positions[:n].copy_(host[:n], non_blocking=True)
         captured = self.graphs.get(n, length) if graphed else None
         if captured is not None:
-            graph, logits = captured
+            graph, (logits, tokens) = captured
             graph.replay()
         elif len(adapters) == 1:
             self._use(next(iter(adapters)))
-            logits = (self.graphs.step if graphed else self._step)(n, length)
+            logits, tokens = (self.graphs.step if graphed else self.forward.pick)(n, length)
         else:  # rows of several adapters: one forward per adapter, over its own slots
             logits = None
             for adapter, group in by_adapter(rows):
                 self._use(adapter)
                 index = torch.tensor([s for s, _ in group], device=self.device)
-                part = self._step(len(group), length, index)
+                part = self.forward.step(len(group), length, index)
                 if logits is None:
                     logits = part.new_zeros((n, part.shape[-1]))
                 logits[index] = part
+            tokens = self.forward.greedy(logits, slice(None, n))
         jobs: list[Job | None] = [None] * n
         for slot, job in rows:
             jobs[slot] = job
             job.batch_rows += len(rows)
             job.steps += 1
-        tokens = choose(logits, Rows(jobs, self.ban_eos[:n], self.eos))
-        self.next_ids[:n] = tokens.clamp(min=0)
+        tokens = self.forward.sample(logits, tokens, jobs, slice(None, n))
         self.steps += 1
         self._record(tokens, [(s, s, j) for s, j in rows])
-
-    def _step(self, n: int, length: int, slots: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode forward: logits [rows, vocab] of rows 0..n-1 (or of `slots`) at their positions."""
-        index = slice(None, n) if slots is None else slots
-        positions = self.positions[index]
-        self.cache.decode(n, positions, length, slots)
-        out = self.model(input_ids=self.next_ids[index][:, None], position_ids=positions[:, None],
-                         attention_mask=decode_mask(positions, length), cache=self.cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1]
 
     def _use(self, adapter: str | None) -> None:
         if self.activate is not None:

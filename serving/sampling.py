@@ -1,9 +1,10 @@
-"""Per-row sampling over a batch of logits: greedy rows take the argmax together; a sampling row draws from
-its own generator (temperature, top_p), so a seeded request gets the same text whatever it ran beside."""
+"""Per-row sampling over a batch of logits, in two parts:
+- `greedy`: every row's argmax, EOS banned in rows that may not end on it, -1 where the logits hold NaN (broken
+  weights). Fixed work on device tensors: a decode step's CUDA graph includes it (serving/cuda_graphs.py).
+- `sample`: each sampling row draws from its own generator (temperature, top_p), so a seeded request gets the
+  same text whatever it ran beside. Host-side choices per row: it runs after the graph."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -11,29 +12,26 @@ import torch
 GREEDY_BELOW = 1e-4
 
 
-@dataclass
-class Rows:
-    """What sampling needs of a step's rows: their jobs (None: an idle row of the batch, sampled and
-    dropped), which of them may not end on EOS, and the EOS ids."""
-
-    jobs: list
-    ban_eos: torch.Tensor
-    eos: torch.Tensor
+def greedy(logits: torch.Tensor, ban_eos: torch.Tensor | None, eos: torch.Tensor) -> torch.Tensor:
+    """[rows] argmax tokens; `ban_eos` [rows] bool (None: no row bans EOS). Bans EOS in `logits` in place."""
+    if ban_eos is not None:
+        logits[:, eos] = logits[:, eos].masked_fill(ban_eos[:, None], -float("inf"))
+    return torch.where(logits.isnan().any(dim=-1), -1, logits.argmax(dim=-1))
 
 
-def choose(logits: torch.Tensor, rows: Rows) -> torch.Tensor:
-    """The next token of each row, [rows] on the logits' device; -1 where the logits hold NaN (broken weights)."""
-    if any(j is not None and j.ignore_eos for j in rows.jobs):
-        eos_logits = logits[:, rows.eos]
-        logits[:, rows.eos] = eos_logits.masked_fill(rows.ban_eos[:, None], -float("inf"))
-    tokens = logits.argmax(dim=-1)
-    for i, job in enumerate(rows.jobs):
-        if job is not None and job.temperature >= GREEDY_BELOW:
-            tokens[i] = _sample(logits[i], job.temperature, job.top_p, job.generator)
-    return torch.where(logits.isnan().any(dim=-1), -1, tokens)
+def sample(logits: torch.Tensor, tokens: torch.Tensor, jobs: list) -> torch.Tensor:
+    """`tokens` (from `greedy` over the same logits) with each sampling row's token drawn; the same tensor if
+    no row samples. `jobs`: each row's job, None for an idle row."""
+    rows = [(i, j) for i, j in enumerate(jobs) if j is not None and j.temperature >= GREEDY_BELOW]
+    if not rows:
+        return tokens
+    tokens = tokens.clone()
+    for i, job in rows:
+        tokens[i] = torch.where(tokens[i] < 0, -1, _draw(logits[i], job.temperature, job.top_p, job.generator))
+    return tokens
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+def _draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_p, order = probs.sort(descending=True)

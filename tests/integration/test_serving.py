@@ -283,6 +283,29 @@ def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_mo
     assert batched == alone and [n for _, n in alone] == [20, 7, 13]
 
 
+def test_nan_logits_end_greedy_and_sampled_rows_with_a_model_error(sharp_model_dir, tmp_path):
+    # Broken weights are the server's fault, not the request's: NaN logits end each row with a ModelError (a 5xx
+    # in the API), however the row picks its tokens.
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from serving.job import ModelError
+
+    shutil.copytree(sharp_model_dir, tmp_path / "nan")
+    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "nan", safe_serialization=True)
+    engine = Engine(str(tmp_path / "nan"), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, graphs=True)
+    futures = [engine.start(engine.prepare({"kind": "completion", "prompt": PROMPT, "max_tokens": 5,
+                                            "temperature": t, "seed": 1})) for t in (0.0, 1.0)]
+    for future in futures:
+        with pytest.raises(ModelError, match="NaN logits"):
+            future.result(timeout=60)
+    engine.close()
+
+
 def test_a_request_joins_and_leaves_a_running_batch(model_dir):
     # Continuous batching: a short request that arrives while a long one runs starts at the next step and
     # ends on its own, long before the long one; its text is what it gets alone.
