@@ -5,8 +5,9 @@ With serving.compile_decode the step captured is a torch.compile'd one: Inductor
 the weights (bench/results/decode_profile_h200.txt: 1.47 ms against 2.44 ms a step, at one row).
 
 A step of n running rows over positions up to L runs the graph of the smallest buckets holding them: rows
-1, 2, 4, ... up to the cache's slots, lengths 128, 256, ... up to the cache's length. The extra rows and
-positions are idle slots, masked out. The graphs share one memory pool: they never run at once.
+1 (2 when compiled), 2, 4, ... up to the cache's slots, lengths 128, 256, ... up to the cache's length. The
+extra rows and positions are idle slots, masked out. The graphs share one memory pool: they never run at
+once. Compiled, one compilation (dynamic shapes) serves every bucket.
 """
 
 from __future__ import annotations
@@ -38,7 +39,10 @@ class DecodeGraphs:
                  compile: bool = False):
         self.capture = capture
         self.step, self.fallback = (torch.compile(step, dynamic=True), step) if compile else (step, None)
-        self.rows = [r for r in GRAPH_ROWS if r < slots] + [slots]
+        # torch.compile specializes a dimension of size 1 (it broadcasts), so one row would be a compilation of
+        # its own; a step of two rows costs about what one does (the weights are read once either way).
+        least = 2 if compile and slots > 1 else 1
+        self.rows = [r for r in GRAPH_ROWS if least <= r < slots] + [slots]
         self.lengths = [n for n in (MIN_GRAPH_LENGTH << i for i in range(20)) if n < length] + [length]
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Outputs]] = {}
         self.pool = torch.cuda.graph_pool_handle() if capture else None

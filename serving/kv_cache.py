@@ -35,7 +35,9 @@ class SlotCache:
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        shape = (slots, heads, length, head_dim)
+        # One position more than a step attends: a step's keys are then never the whole buffer, whose view is
+        # contiguous where a shorter one is not, which torch.compile would compile apart (serving/cuda_graphs.py).
+        shape = (slots, heads, length + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_hidden_layers)]
         self.slots, self.length = slots, length

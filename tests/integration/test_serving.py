@@ -27,6 +27,7 @@ from ray import serve
 from support.models import save_tiny_model
 from support.project import REPO
 from support.services import free_port
+from torch._dynamo.utils import counters
 
 from serving import control
 from serving.api import VERSION_HEADER
@@ -274,13 +275,18 @@ def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_mo
     exact = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, graphs=False)
     alone = [(r["text"], r["completion_tokens"]) for s in specs for r in exact.generate([exact.prepare(s)])]
     exact.close()
-    padded = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, max_batch_size=8,
-                    graphs=True, compile=compile)
-    assert (padded.decoder.graphs.fallback is not None) == compile
-    assert padded.decoder.graphs.rows == [1, 2, 4, 8] and not padded.decoder.graphs_on  # no CUDA: not captured
+    padded = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, 256 - MAX_TOKENS, threads=1, max_batch_size=8,
+                    graphs=True, compile=compile)  # rows of up to 256 positions: two length buckets
+    graphs = padded.decoder.graphs
+    assert (graphs.fallback is not None) == compile and not padded.decoder.graphs_on  # no CUDA: not captured
+    assert graphs.rows == ([2, 4, 8] if compile else [1, 2, 4, 8]) and graphs.lengths == [128, 256]
+    compiled = counters["stats"]["unique_graphs"]
     batched = [(r["text"], r["completion_tokens"]) for r in padded.generate([padded.prepare(s) for s in specs])]
+    padded.decoder.call(lambda: [graphs.step(n, length) for n in graphs.rows for length in graphs.lengths])
     padded.close()
     assert batched == alone and [n for _, n in alone] == [20, 7, 13]
+    # One compilation serves every bucket (each more would cost a GPU replica minutes at start).
+    assert counters["stats"]["unique_graphs"] - compiled == (1 if compile else 0)
 
 
 def test_nan_logits_end_greedy_and_sampled_rows_with_a_model_error(sharp_model_dir, tmp_path):
