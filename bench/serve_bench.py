@@ -165,8 +165,12 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
     from serving.generation import Engine
 
     budget = budgets(len(texts), args)
+    start = time.perf_counter()
     engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
-                    max_batch_size=max(levels), compile=args.compile_decode)
+                    max_batch_size=max(levels), compile=args.compile_decode,
+                    compile_prefill=args.compile_decode and args.compile_prefill)
+    ready = time.perf_counter() - start  # loading, compiling and capturing
+    print(f"tuneline engine ready in {ready:.1f} s", flush=True)
 
     async def level(c: int, total: int):
         async def one(i: int):
@@ -180,8 +184,10 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
     asyncio.run(level(min(8, max(levels)), 8))  # warm-up
     for c in levels:
         tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
+        prefill = engine.decoder.forward.compiled_prefill
         keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on,
-                 compiled_step=args.compile_decode))
+                 compiled_step=args.compile_decode, start_s=round(ready, 1),
+                 compiled_prefill=prefill is not None and prefill.compiled is not None))  # never fell back
     engine.close()
 
 
@@ -367,7 +373,10 @@ def main() -> None:
     parser.add_argument("--engines", default="tuneline,baseline",
                         help="of tuneline, tuneline-served (through Ray Serve and HTTP), baseline, transformers-cb")
     parser.add_argument("--compile-decode", action="store_true",
-                        help="serving.compile_decode: the engine's decode step torch.compile'd (GPU: minutes at start)")
+                        help="serving.compile_decode: the engine's decode step and prefill torch.compile'd (GPU: a "
+                             "minute or more at start)")
+    parser.add_argument("--no-compile-prefill", dest="compile_prefill", action="store_false",
+                        help="with --compile-decode: the decode step only")
     parser.add_argument("--check-graphs", action="store_true",
                         help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")
     parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")

@@ -47,6 +47,8 @@ class AdapterServer(ModelServer.func_or_class):
     request wants, "" for the base. Rows of different adapters share the engine's batch: each step runs one
     forward per adapter among its rows (serving/decoding.py)."""
 
+    compiles_prefill = False  # adapters change the model's modules: a compiled prefill would compile again
+
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
                  tracking_uri: str | None, max_batch_size: int, compile_decode: bool = False, *,
                  adapters: dict[str, str], max_loaded: int):

@@ -38,12 +38,13 @@ log = logging.getLogger(__name__)
 class Decoder:
     """The batch loop over one model; `submit` from any thread. `graphs` (default: on a GPU): decode steps in
     CUDA graphs, when no adapter is in use. `compile`: the graphs' step is torch.compile'd (dynamic shapes:
-    one compilation serves every bucket; on a GPU minutes at start, serving.compile_decode)."""
+    one compilation serves every bucket; on a GPU a minute or more at start, serving.compile_decode);
+    `compile_prefill`: the prefill too (serving/forward.py)."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
-                 graphs: bool | None = None, compile: bool = False):
+                 graphs: bool | None = None, compile: bool = False, compile_prefill: bool = False):
         self.eos_ids, self.pad_id = sorted(eos_ids), pad_id
-        self.forward = Forward(model, slots, length, pad_id, self.eos_ids)
+        self.forward = Forward(model, slots, length, pad_id, self.eos_ids, compile=compile_prefill)
         self.device, self.cache = self.forward.device, self.forward.cache
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
@@ -105,7 +106,8 @@ class Decoder:
         return self.graphs is not None and self.graphs.on and self.graphs.capture
 
     def warm_up(self) -> None:
-        """Capture (and compile) every decode step now, not during the first requests of each size."""
+        """Compile the prefill and capture (and compile) every decode step now, not during the first requests."""
+        self.call(self.forward.warm_up)
         if self.graphs is not None:
             self.call(self.graphs.capture_all)
 

@@ -5,12 +5,18 @@ A decode step reads its inputs from fixed device buffers (each slot's next token
 end on EOS) and writes its greedy tokens back as the next step's inputs, so its CUDA graph
 (serving/cuda_graphs.py) replays with nothing else launched for a greedy batch: the host only copies the
 positions in and the tokens out. Sampling rows are drawn after it (serving/sampling.py) and overwrite theirs.
+
+A prefill cannot be a graph (its shapes are the prompts'), and eager it is hundreds of launches, which
+on a GPU take longer than its arithmetic: with `compile` it goes through torch.compile, warmed at start
+for one row and for several (serving/compiled.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from serving.compiled import Compiled
 from serving.kv_cache import ATTENTION, SlotCache, decode_mask
 from serving.sampling import greedy, sample
 
@@ -20,8 +26,8 @@ Index = slice | torch.Tensor  # rows 0..n-1, or any slots
 class Forward:
     """One model, its slot cache and a decode step's device-side inputs."""
 
-    def __init__(self, model, slots: int, length: int, pad_id: int, eos_ids: list[int]):
-        self.model = model
+    def __init__(self, model, slots: int, length: int, pad_id: int, eos_ids: list[int], compile: bool = False):
+        self.model, self.slots, self.pad_id = model, slots, pad_id
         self.device = next(model.parameters()).device
         model.set_attn_implementation(ATTENTION)
         self.cache = SlotCache(model.config, slots, length, next(model.parameters()).dtype, self.device)
@@ -29,20 +35,34 @@ class Forward:
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)
         self.ban_eos = torch.zeros(slots, dtype=torch.bool, device=self.device)
         self.eos = torch.tensor(eos_ids, device=self.device)
+        self.compiled_prefill = Compiled(self._prefill, "prefill") if compile else None
+
+    def warm_up(self) -> None:
+        """Compile the prefill for one row and for several, on scratch prompts in the first slots."""
+        if self.compiled_prefill is not None:
+            for rows in sorted({1, min(3, self.slots)}):
+                self.prefill(torch.full((rows, 8), self.pad_id), [8] * rows, list(range(rows)), [False] * rows,
+                             [None] * rows)
+            self.compiled_prefill.warm()
 
     def prefill(self, ids: torch.Tensor, lengths: list[int], slots: list[int], ban_eos: list[bool],
                 jobs: list) -> torch.Tensor:
         """Right-padded prompts `ids` [rows, width] (on the host) into `slots`: each row's first token."""
+        run = self.compiled_prefill or self._prefill
+        if run is not self._prefill and ids.shape[1] == 1:  # a width of 1 would be a compilation of its own
+            ids = F.pad(ids, (0, 1), value=self.pad_id)
         slot_t = torch.tensor(slots, device=self.device)
-        ids = ids.to(self.device, non_blocking=True)
-        self.cache.prefill(slot_t)
-        hidden = self.model.get_decoder()(input_ids=ids, cache=self.cache, use_cache=True,
-                                          position_ids=torch.arange(ids.shape[1], device=self.device)[None]
-                                          ).last_hidden_state
-        last = torch.tensor([n - 1 for n in lengths], device=self.device)
-        logits = self.model.get_output_embeddings()(hidden[torch.arange(len(slots), device=self.device), last])
+        logits = run(ids.to(self.device, non_blocking=True), slot_t,
+                     torch.tensor([n - 1 for n in lengths], device=self.device))
         self.ban_eos[slot_t] = torch.tensor(ban_eos, device=self.device)
         return self.sample(logits, self.greedy(logits, slot_t), jobs, slot_t)
+
+    def _prefill(self, ids: torch.Tensor, slots: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        self.cache.prefill(slots)
+        hidden = self.model.get_decoder()(input_ids=ids, cache=self.cache, use_cache=True,
+                                          position_ids=torch.arange(ids.shape[1], device=ids.device)[None]
+                                          ).last_hidden_state
+        return self.model.get_output_embeddings()(hidden[torch.arange(ids.shape[0], device=ids.device), last])
 
     def step(self, n: int, length: int, slots: torch.Tensor | None = None) -> torch.Tensor:
         """One decode forward: logits [rows, vocab] of rows 0..n-1 (or of `slots`) at their positions."""

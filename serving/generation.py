@@ -82,7 +82,8 @@ class Engine:
 
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
                  tracking_uri: str | None = None, dtype: str = "auto", threads: int | None = None,
-                 max_batch_size: int = 8, graphs: bool | None = None, compile: bool = False):
+                 max_batch_size: int = 8, graphs: bool | None = None, compile: bool = False,
+                 compile_prefill: bool | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.model_dir, self.source = resolve_model(model, tracking_uri)
@@ -111,7 +112,8 @@ class Engine:
         self.decoder = Decoder(self.model, self.eos_ids, self.pad_id, slots=max_batch_size,
                                length=min(length, self.context) if self.context else length,
                                prefill_tokens=max(PREFILL_TOKENS[self.device.type], max_prompt_tokens),
-                               graphs=graphs, compile=compile)
+                               graphs=graphs, compile=compile,
+                               compile_prefill=compile if compile_prefill is None else compile_prefill)
         self.decoder.warm_up()
 
     def info(self) -> dict:

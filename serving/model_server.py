@@ -28,12 +28,15 @@ MODEL_CONSTRUCTOR_RETRIES = 1
 class ModelServer:
     """One model: every request, plain or streamed, runs in the engine's continuous batch."""
 
+    compiles_prefill = True  # with compile_decode (serving/forward.py)
+
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
                  tracking_uri: str | None, max_batch_size: int, compile_decode: bool = False):
         from serving.generation import Engine  # torch and transformers load in the replica, not in the router
 
         self.engine = Engine(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri,
-                             threads=REPLICA_CPUS, max_batch_size=max_batch_size, compile=compile_decode)
+                             threads=REPLICA_CPUS, max_batch_size=max_batch_size, compile=compile_decode,
+                             compile_prefill=compile_decode and self.compiles_prefill)
         self.max_batch_size = max_batch_size
         self.cancelled = 0
         self.tags = {"model_version": str(self.engine.source.get("version") or "")}

@@ -275,18 +275,22 @@ def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_mo
     exact = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, MAX_PROMPT_TOKENS, threads=1, graphs=False)
     alone = [(r["text"], r["completion_tokens"]) for s in specs for r in exact.generate([exact.prepare(s)])]
     exact.close()
+    compiled = counters["stats"]["unique_graphs"]
     padded = Engine(str(sharp_model_dir), TEMPLATE, MAX_TOKENS, 256 - MAX_TOKENS, threads=1, max_batch_size=8,
                     graphs=True, compile=compile)  # rows of up to 256 positions: two length buckets
     graphs = padded.decoder.graphs
     assert (graphs.fallback is not None) == compile and not padded.decoder.graphs_on  # no CUDA: not captured
     assert graphs.rows == ([2, 4, 8] if compile else [1, 2, 4, 8]) and graphs.lengths == [128, 256]
-    compiled = counters["stats"]["unique_graphs"]
     batched = [(r["text"], r["completion_tokens"]) for r in padded.generate([padded.prepare(s) for s in specs])]
+    batched += [(r["text"], r["completion_tokens"]) for r in padded.generate([padded.prepare(specs[0])])]
     padded.decoder.call(lambda: [graphs.step(n, length) for n in graphs.rows for length in graphs.lengths])
+    prefill = padded.decoder.forward.compiled_prefill
     padded.close()
-    assert batched == alone and [n for _, n in alone] == [20, 7, 13]
-    # One compilation serves every bucket (each more would cost a GPU replica minutes at start).
-    assert counters["stats"]["unique_graphs"] - compiled == (1 if compile else 0)
+    assert batched == alone + alone[:1] and [n for _, n in alone] == [20, 7, 13]
+    # Compiled: one compilation serves every decode bucket, two (one row, several) every prefill, all made at
+    # start but the decode step's on a CPU (each more would stall a GPU replica for a minute or more).
+    assert counters["stats"]["unique_graphs"] - compiled == (3 if compile else 0)
+    assert (prefill is not None and prefill.compiled is not None) == compile  # never fell back to eager
 
 
 def test_nan_logits_end_greedy_and_sampled_rows_with_a_model_error(sharp_model_dir, tmp_path):
