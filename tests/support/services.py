@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -13,11 +14,26 @@ from pathlib import Path
 import httpx
 import pytest
 
+# Below the kernel's ephemeral ports (32768 and up: other processes' bind(0) and outgoing connections take
+# them, so one found free there can be gone before our server binds it; a test run lost a Serve proxy's port
+# so) and above Ray's worker ports (10002-19999).
+PORTS = range(20000, 32768)
+_given: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that no process holds now and no earlier call of this run returned."""
+    for port in random.sample(PORTS, 200):
+        if port in _given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def sha256(path: Path) -> str:
