@@ -186,7 +186,8 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
         "compile": default_for_qlora or not args.no_compile,
         "output_dir": str(work / "adapter"), "checkpoint_dir": str(work / "ckpt"),
         "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
-        "batch_tokens": getattr(args, "batch_tokens", 0)},
+        "batch_tokens": getattr(args, "batch_tokens", 0), "pad_to_multiple": getattr(args, "pad_to_multiple", 0),
+        "compile_mode": getattr(args, "compile_mode", "default")},
         "lora": {"method": method, "r": 16, "alpha": 32, "target_modules": TARGETS},
         "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
     targs = training_args(params, has_eval=False)
@@ -217,12 +218,14 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     real = (n1 - n0) / args.steps
     name = "tuneline" + "".join(f"-no{k}" for k in ("packing", "chunked", "compile") if getattr(args, f"no_{k}"))
     name += f"-{method}" if model_dir else ""
+    name += "-graphs" if params.train.compile_mode == "reduce-overhead" else ""
     # Trainer counts non-padding tokens only: with packing there is no padding to count.
     out = result(name, data_kind, args, step_s, real, real, per_tok, peaks)
     if args.skip_ckpt_layers:
         out["skip_ckpt_layers"] = args.skip_ckpt_layers
-    if getattr(args, "batch_tokens", 0):
-        out["batch_tokens"] = args.batch_tokens
+    for key in ("batch_tokens", "pad_to_multiple"):
+        if getattr(args, key, 0):
+            out[key] = getattr(args, key)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if model_dir and losses:
         out["final_loss"] = round(sum(losses[-5:]) / len(losses[-5:]), 4)  # logged every 10 steps: the last 50

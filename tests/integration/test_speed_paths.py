@@ -108,16 +108,20 @@ def test_installed_chunked_loss_matches_the_model_loss():
     assert model(**padded).logits.shape[-1] == model.config.vocab_size
 
 
-def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_run, tmp_path):
-    """The engine's packed, chunked-loss path logs the same losses as the padded default (fp32)."""
+@pytest.mark.parametrize("pad_to_multiple", [0, 96], ids=["packed", "packed-padded"])
+def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_run, tmp_path, pad_to_multiple):
+    """The engine's packed, chunked-loss path logs the same losses as the padded default (fp32), and counts the
+    same tokens seen; with each packed row padded up to a multiple of 96 tokens too."""
     import csv
 
     from tasks import run_stage
+    from tuneline.atomic import read_json
 
     params, _ = tiny_run
     fast = params.model_copy(update={
         "reports_dir": tmp_path / "reports",
         "train": params.train.model_copy(update={"packing": True, "chunked_loss": True, "loss_chunk_tokens": 64,
+                                                 "pad_to_multiple": pad_to_multiple,
                                                  "output_dir": tmp_path / "adapter",
                                                  "checkpoint_dir": tmp_path / "ckpt"})})
     run_stage("train", fast)
@@ -126,7 +130,29 @@ def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_r
         return [float(r["loss"]) for r in csv.DictReader((reports / "train_log.csv").open())]
 
     assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=1e-4)
+    assert read_json(tmp_path / "reports" / "train.json")["tokens_seen"] == \
+        read_json(params.reports_dir / "train.json")["tokens_seen"]  # padding is not counted
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_padding_a_packed_row_keeps_loss_and_gradients():
+    from tuneline.training.batching import PADDING, PaddedPacking
+
+    flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    results = []
+    for collate in (flatten, PaddedPacking(flatten, 64, pad_id=0)):
+        model = tiny_llama()
+        batch = collate(examples())
+        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                     use_cache=False).loss
+        loss.backward()
+        results.append((batch, loss.detach(), [p.grad for p in model.parameters()]))
+    (plain, plain_loss, plain_grads), (padded, padded_loss, padded_grads) = results
+    n = plain["input_ids"].shape[1]
+    assert n % 64 and padded["input_ids"].shape[1] == n + padded[PADDING] == -(-n // 64) * 64
+    assert (padded["labels"][0, n:] == -100).all() and padded["position_ids"][0, n] == 0
+    assert torch.allclose(padded_loss, plain_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(padded_grads, plain_grads, strict=True))
 
 
 def test_token_budget_batches_train_through_the_stage_and_stay_under_budget(tiny_run, tmp_path, monkeypatch):

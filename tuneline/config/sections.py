@@ -136,6 +136,12 @@ class Train(Section):
     chunked_loss: bool | Literal["auto"] = Field("auto", description="no vocabulary-wide fp32 logits; auto: GPU")
     loss_chunk_tokens: int = Field(4096, gt=0, description="tokens scored at once by the chunked loss")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto: on a GPU, not QLoRA")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile's mode when compiled; reduce-overhead: the forward and backward as "
+        "CUDA graphs, one per step size (pair it with pad_to_multiple)")
+    pad_to_multiple: int = Field(0, ge=0, description="with packing: each step's row padded up to a multiple of this "
+                                 "many tokens (the padding attends to itself only and has no loss), so that steps "
+                                 "come in few sizes (0: off)")
     method: Literal["sft", "dpo"] = Field("sft", description="dpo: preference tuning of an SFT adapter "
                                                             "(tasks/train/dpo.py)")
     dpo_from: Path = Field(Path("models/adapter"), description="the SFT adapter DPO starts from and is anchored to")

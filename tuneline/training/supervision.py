@@ -26,6 +26,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from tuneline import tracking
 from tuneline.errors import TunelineError
+from tuneline.training.batching import PADDING
 
 log = logging.getLogger("tuneline")
 
@@ -49,6 +50,7 @@ class TunelineTrainer(Trainer):
     def __init__(self, *args, batch_tokens: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.batch_tokens = batch_tokens
+        self.padding = 0  # of the last batch prepared (train.pad_to_multiple)
 
     def get_train_dataloader(self):
         if not self.batch_tokens:
@@ -73,6 +75,17 @@ class TunelineTrainer(Trainer):
                                 f"Last good checkpoint: {last or 'none yet'}. Lower train.learning_rate "
                                 "or check the data, then run again (it resumes from that checkpoint).")
         return loss
+
+    def _prepare_inputs(self, inputs):
+        self.padding = inputs.pop(PADDING, 0)  # not a model input
+        return super()._prepare_inputs(inputs)
+
+    def _track_num_input_tokens(self, inputs):
+        # A packed row has no attention mask, so Trainer counts its padding (train.pad_to_multiple) as tokens.
+        super()._track_num_input_tokens(inputs)
+        if self.padding and self.args.include_num_input_tokens_seen != "no":
+            padding = torch.tensor(self.padding, device=self.args.device)
+            self.state.num_input_tokens_seen -= int(self.accelerator.gather(padding).sum())
 
     def _save_checkpoint(self, model, trial):
         if self.state.global_step >= self.state.max_steps:

@@ -23,6 +23,7 @@ from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.models import load_model
 from tuneline.training import distributed, loss, supervision
+from tuneline.training.batching import packed_collator
 
 LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"]
 SERIES_SUMMARIES = {"steps", "train_loss", "final_loss", "tokens_per_s"}  # in train.json, not MLflow metrics
@@ -111,6 +112,7 @@ def training_args(params: Params, has_eval: bool, args_class=None, **extra):
         gradient_checkpointing=_auto(t.gradient_checkpointing, gpu),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         torch_compile=compiled(params),
+        torch_compile_mode=t.compile_mode if compiled(params) else None,
         use_cpu=not gpu,
         include_num_input_tokens_seen="non_padding",
         average_tokens_across_devices=True,
@@ -157,19 +159,17 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
 
     Returns (trainer, restore): `restore` puts back the vocabulary head the chunked loss took over.
     """
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
+    from transformers import DataCollatorForSeq2Seq
 
     if args.gradient_checkpointing and params.lora.method != "full":
         model.enable_input_require_grads()
-    if params.train.batch_tokens and not packed(params):
-        raise TunelineError("train.batch_tokens needs packed rows; set train.packing: true (packing is off by "
-                            "default unless the model is compiled, as on a GPU)")
+    for key in ("batch_tokens", "pad_to_multiple"):
+        if getattr(params.train, key) and not packed(params):
+            raise TunelineError(f"train.{key} needs packed rows; set train.packing: true (packing is off by "
+                                "default unless the model is compiled, as on a GPU)")
     if packed(params):
-        # Padding-free: a batch is one row, position ids restart per example, and transformers builds
-        # the block-diagonal causal mask from them (needs no KV cache in the forward).
-        model.config.use_cache = False
-        collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        model.config.use_cache = False  # the packed rows' mask comes from position ids, with no KV cache
+        collator = packed_collator(params.train.pad_to_multiple, tokenizer)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens, compiled(params))
