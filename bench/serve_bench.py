@@ -6,7 +6,8 @@ loop of that many clients sends completion requests (greedy, `ignore_eos`: every
 reports output tokens/s, time to first token and request latency (p50, p95) for
 
 - tuneline: serving/generation.py's Engine, in-process (what a model replica runs), with
-  max_batch_size = the highest level;
+  max_batch_size = the highest level; with --compile, once per variant (rows say which: `compile` off,
+  decode (serving.compile_decode's step only) or all (step and prefill, as compile_decode runs));
 - tuneline-served (optional): the same engine behind the Ray Serve app, streamed over HTTP through the
   `openai` client, as a user sees it;
 - baseline: the engine before it, rebuilt here: `model.generate` over a left-padded batch of the requests
@@ -161,16 +162,15 @@ def measure_limit(model) -> dict:
             "c1_limit_tokens_per_s": round(copy / weights, 1)}
 
 
-def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, keep) -> None:
+def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, keep, variant: str) -> None:
     from serving.generation import Engine
 
     budget = budgets(len(texts), args)
     start = time.perf_counter()
     engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
-                    max_batch_size=max(levels), compile=args.compile_decode,
-                    compile_prefill=args.compile_decode and args.compile_prefill)
+                    max_batch_size=max(levels), compile=variant != "off", compile_prefill=variant == "all")
     ready = time.perf_counter() - start  # loading, compiling and capturing
-    print(f"tuneline engine ready in {ready:.1f} s", flush=True)
+    print(f"tuneline (compile {variant}) ready in {ready:.1f} s", flush=True)
 
     async def level(c: int, total: int):
         async def one(i: int):
@@ -186,7 +186,7 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
         tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
         prefill = engine.decoder.forward.compiled_prefill
         keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on,
-                 compiled_step=args.compile_decode, start_s=round(ready, 1),
+                 compile=variant, compiled_step=variant != "off", start_s=round(ready, 1),
                  compiled_prefill=prefill is not None and prefill.compiled is not None))  # never fell back
     engine.close()
 
@@ -338,7 +338,7 @@ def check_graphs(model_dir: Path, texts: list[str], args) -> dict:
     outputs = {}
     for graphs in (True, False):
         engine = Engine(str(model_dir), "alpaca", 32, args.max_prompt_tokens, dtype="float32", max_batch_size=16,
-                        graphs=graphs, compile=graphs and args.compile_decode)
+                        graphs=graphs, compile=graphs and args.compile != ["off"])
         jobs = [engine.prepare({"kind": "completion", "prompt": " ".join(t.split()[:40]), "max_tokens": 32,
                                 "temperature": 0.0, "ignore_eos": True}) for t in texts[:16]]
         engine.generate(jobs)
@@ -352,8 +352,12 @@ def check_graphs(model_dir: Path, texts: list[str], args) -> dict:
             "tokens_before_first_difference": f"{prefix}/{sum(map(len, graphed))}"}
 
 
+def label(r: dict) -> str:
+    return r["engine"] + (f" ({r['compile']})" if r.get("compile", "off") != "off" else "")
+
+
 def fmt(r: dict) -> str:
-    return (f"{r['engine']:<16} c={r['concurrency']:<4} {r['output_tokens_per_s']:10.1f} tok/s   ttft p50 "
+    return (f"{label(r):<18} c={r['concurrency']:<4} {r['output_tokens_per_s']:10.1f} tok/s   ttft p50 "
             f"{r['ttft_p50_s']:.3f}s p95 {r['ttft_p95_s']:.3f}s   latency p50 {r['latency_p50_s']:.3f}s "
             f"p95 {r['latency_p95_s']:.3f}s")
 
@@ -372,11 +376,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--engines", default="tuneline,baseline",
                         help="of tuneline, tuneline-served (through Ray Serve and HTTP), baseline, transformers-cb")
-    parser.add_argument("--compile-decode", action="store_true",
-                        help="serving.compile_decode: the engine's decode step and prefill torch.compile'd (GPU: a "
-                             "minute or more at start)")
-    parser.add_argument("--no-compile-prefill", dest="compile_prefill", action="store_false",
-                        help="with --compile-decode: the decode step only")
+    parser.add_argument("--compile", default="off",
+                        help="tuneline's variants, run one after the other: of off, decode (the decode step "
+                             "torch.compile'd), all (and the prefill: serving.compile_decode); GPU: a minute or more "
+                             "at each compiled engine's start")
     parser.add_argument("--check-graphs", action="store_true",
                         help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")
     parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")
@@ -391,6 +394,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
+    args.compile = args.compile.split(",")
+    if set(args.compile) - {"off", "decode", "all"}:
+        parser.error(f"--compile: {args.compile}: each of off, decode, all")
     engines = args.engines.split(",")
     out = args.out or RESULTS / ("serve_h200.jsonl" if gpu else "serve_cpu.jsonl")
 
@@ -422,7 +428,11 @@ def main() -> None:
         if args.check_graphs and gpu:
             keep(check_graphs(build_model("tiny", Path(tmp) / "tiny"), texts, args))
         if "tuneline" in engines:  # first: it loads the model itself, and frees it before the others load theirs
-            run_tuneline(model_dir, texts, levels, args, keep)
+            for variant in args.compile:
+                run_tuneline(model_dir, texts, levels, args, keep, variant)
+                gc.collect()  # the variant's model and graphs, before the next one loads
+                if gpu:
+                    torch.cuda.empty_cache()
         if "tuneline-served" in engines:
             run_served(model_dir, texts, levels, args, keep)
         gc.collect()
@@ -437,14 +447,14 @@ def main() -> None:
         if "transformers-cb" in engines:
             run_transformers_cb(model, tok, texts, levels, args, keep)
 
-    by = {(r["engine"], r["concurrency"]): r for r in rows if "engine" in r}
-    print(f"\nconcurrency | {' | '.join(f'{e:>16}' for e in engines)} | tuneline / baseline c=1 (unbatched)")
+    by = {(label(r), r["concurrency"]): r["output_tokens_per_s"] for r in rows if "output_tokens_per_s" in r}
+    columns = list(dict.fromkeys(name for name, _ in by))
+    print(f"\nconcurrency | {' | '.join(f'{e:>18}' for e in columns)} | best tuneline / baseline c=1 (unbatched)")
     for c in levels:
-        cells = [f"{by[(e, c)]['output_tokens_per_s']:16.1f}" if "output_tokens_per_s" in by.get((e, c), {})
-                 else f"{'-':>16}" for e in engines]
-        ratio = (by[("tuneline", c)]["output_tokens_per_s"] / by[("baseline", 1)]["output_tokens_per_s"]
-                 if ("tuneline", c) in by and ("baseline", 1) in by else float("nan"))
-        print(f"{c:>11} | {' | '.join(cells)} | {ratio:.2f}x")
+        ours = [by[(e, c)] for e in columns if e.startswith("tuneline") and (e, c) in by]
+        ratio = max(ours) / by[("baseline", 1)] if ours and ("baseline", 1) in by else float("nan")
+        print(f"{c:>11} | {' | '.join(f'{by[(e, c)]:18.1f}' if (e, c) in by else f'{chr(45):>18}' for e in columns)}"
+              f" | {ratio:.2f}x")
     print(f"appended {len(rows)} rows to {out}")
 
 
