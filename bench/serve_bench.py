@@ -184,10 +184,11 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
     asyncio.run(level(min(8, max(levels)), 8))  # warm-up
     for c in levels:
         tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
-        prefill = engine.decoder.forward.compiled_prefill
+        graphs, prefill = engine.decoder.graphs, engine.decoder.forward.compiled_prefill
         keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on,
-                 compile=variant, compiled_step=variant != "off", start_s=round(ready, 1),
-                 compiled_prefill=prefill is not None and prefill.compiled is not None))  # never fell back
+                 compile=variant, start_s=round(ready, 1),  # what ran compiled (a failed compile falls back):
+                 compiled_step=graphs is not None and graphs.fallback is not None,
+                 compiled_prefill=prefill is not None and prefill.compiled is not None))
     engine.close()
 
 
