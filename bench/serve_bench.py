@@ -379,7 +379,7 @@ def main() -> None:
                         help="of tuneline, tuneline-served (through Ray Serve and HTTP), baseline, transformers-cb")
     parser.add_argument("--compile", default="off",
                         help="tuneline's variants, run one after the other: of off, decode (the decode step "
-                             "torch.compile'd), all (and the prefill: serving.compile_decode); GPU: a minute or more "
+                             "torch.compile'd), all (and the prefill: serving.compile_decode); GPU: minutes "
                              "at each compiled engine's start")
     parser.add_argument("--check-graphs", action="store_true",
                         help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")

@@ -1,6 +1,6 @@
 """A function through torch.compile for a serving replica: compiled at start, never again while it serves.
 
-Compiling a model's forward takes seconds on a CPU and a minute or more on a GPU; a replica that compiled
+Compiling a model's forward takes seconds on a CPU and minutes on a GPU (1B shape); a replica that compiled
 in the middle of traffic would stall every running request that long. So the shapes to expect are compiled
 at start (`warm`), with dynamic sizes; after that, a call that would compile again (a shape the warm-up
 did not cover), or any failure of the compiled code, runs the plain function from then on, and says so

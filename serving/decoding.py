@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 class Decoder:
     """The batch loop over one model; `submit` from any thread. `graphs` (default: on a GPU): decode steps in
     CUDA graphs, when no adapter is in use. `compile`: the graphs' step is torch.compile'd (dynamic shapes:
-    one compilation serves every bucket; on a GPU a minute or more at start, serving.compile_decode);
+    one compilation serves every bucket; on a GPU minutes at start, serving.compile_decode);
     `compile_prefill`: the prefill too (serving/forward.py)."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,

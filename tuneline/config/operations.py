@@ -48,7 +48,7 @@ class Serving(Section):
                                                     "max_tokens_limit)")
     compile_decode: bool = Field(False, description="GPU: torch.compile the decode step before its CUDA graphs "
                                  "are captured, and the prefill unless adapters are served (about 1.6x faster "
-                                 "steps; a replica takes a minute or more longer to start: raise "
+                                 "steps; a replica takes minutes longer to start: raise "
                                  "health_timeout_s)")
     min_replicas: int = Field(1, ge=1, description="model replicas, autoscaled between min and max")
     max_replicas: int = Field(1, ge=1)
