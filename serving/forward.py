@@ -48,12 +48,11 @@ class Forward:
     def prefill(self, ids: torch.Tensor, lengths: list[int], slots: list[int], ban_eos: list[bool],
                 jobs: list) -> torch.Tensor:
         """Right-padded prompts `ids` [rows, width] (on the host) into `slots`: each row's first token."""
-        run = self.compiled_prefill or self._prefill
-        if run is not self._prefill and ids.shape[1] == 1:  # a width of 1 would be a compilation of its own
+        if self.compiled_prefill is not None and ids.shape[1] == 1:  # a width of 1: a compilation of its own
             ids = F.pad(ids, (0, 1), value=self.pad_id)
         slot_t = torch.tensor(slots, device=self.device)
-        logits = run(ids.to(self.device, non_blocking=True), slot_t,
-                     torch.tensor([n - 1 for n in lengths], device=self.device))
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        logits = (self.compiled_prefill or self._prefill)(ids.to(self.device, non_blocking=True), slot_t, last)
         self.ban_eos[slot_t] = torch.tensor(ban_eos, device=self.device)
         return self.sample(logits, self.greedy(logits, slot_t), jobs, slot_t)
 
