@@ -454,8 +454,8 @@ def main() -> None:
     for c in levels:
         ours = [by[(e, c)] for e in columns if e.startswith("tuneline") and (e, c) in by]
         ratio = max(ours) / by[("baseline", 1)] if ours and ("baseline", 1) in by else float("nan")
-        print(f"{c:>11} | {' | '.join(f'{by[(e, c)]:18.1f}' if (e, c) in by else f'{chr(45):>18}' for e in columns)}"
-              f" | {ratio:.2f}x")
+        cells = [f"{by[(e, c)]:18.1f}" if (e, c) in by else f"{'-':>18}" for e in columns]
+        print(f"{c:>11} | {' | '.join(cells)} | {ratio:.2f}x")
     print(f"appended {len(rows)} rows to {out}")
 
 

@@ -45,7 +45,7 @@ class Decoder:
                  graphs: bool | None = None, compile: bool = False, compile_prefill: bool = False):
         self.eos_ids, self.pad_id = sorted(eos_ids), pad_id
         self.forward = Forward(model, slots, length, pad_id, self.eos_ids, compile=compile_prefill)
-        self.device, self.cache = self.forward.device, self.forward.cache
+        self.device = self.forward.device
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
         use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)

@@ -118,7 +118,7 @@ class Engine:
 
     def info(self) -> dict:
         return {**self.source, "model_dir": str(self.model_dir), "device": str(self.device), "dtype": self.dtype,
-                "kv_cache_bytes": self.decoder.cache.bytes, "cuda_graphs": self.decoder.graphs_on}
+                "kv_cache_bytes": self.decoder.forward.cache.bytes, "cuda_graphs": self.decoder.graphs_on}
 
     def prepare(self, spec: dict) -> Job:
         """Tokenize and check one request (a dict of serving.api.to_spec); APIError(400) if it cannot run."""

@@ -12,10 +12,9 @@ import torch
 GREEDY_BELOW = 1e-4
 
 
-def greedy(logits: torch.Tensor, ban_eos: torch.Tensor | None, eos: torch.Tensor) -> torch.Tensor:
-    """[rows] argmax tokens; `ban_eos` [rows] bool (None: no row bans EOS). Bans EOS in `logits` in place."""
-    if ban_eos is not None:
-        logits[:, eos] = logits[:, eos].masked_fill(ban_eos[:, None], -float("inf"))
+def greedy(logits: torch.Tensor, ban_eos: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+    """[rows] argmax tokens; `ban_eos` [rows] bool: rows that may not end on EOS (banned in `logits`, in place)."""
+    logits[:, eos] = logits[:, eos].masked_fill(ban_eos[:, None], -float("inf"))
     return torch.where(logits.isnan().any(dim=-1), -1, logits.argmax(dim=-1))
 
 
