@@ -132,8 +132,9 @@ class Train(Section):
     bf16: bool | Literal["auto"] = Field("auto", description="bf16 autocast; auto: on when the GPU supports it, "
                                                              "or a CPU with AVX-512 BF16")
     loss_spike_factor: float = Field(3.0, gt=1, description="warn when a logged loss exceeds its running mean by this")
-    packing: bool | Literal["auto"] = Field("auto", description="padding-free batches; auto: on when compiled")
-    chunked_loss: bool | Literal["auto"] = Field("auto", description="no vocabulary-wide fp32 logits; auto: GPU")
+    packing: bool | Literal["auto"] = Field("auto", description="padding-free batches; auto: on, except on a GPU "
+                                                                "without compile")
+    chunked_loss: bool | Literal["auto"] = Field("auto", description="no vocabulary-wide fp32 logits; auto: on")
     loss_chunk_tokens: int = Field(4096, gt=0, description="tokens scored at once by the chunked loss")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto: on a GPU, not QLoRA")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(

@@ -58,8 +58,8 @@ def compiled(params: Params) -> bool:
 
 
 def packed(params: Params) -> bool:
-    """Padding-free rows need flex attention, which is fast and small only when compiled."""
-    return _auto(params.train.packing, compiled(params))
+    """Padding-free rows: on a GPU with flex attention, fast and small only compiled; on a CPU with SDPA (README)."""
+    return _auto(params.train.packing, compiled(params) or not _on_gpu())
 
 
 def attention(params: Params) -> str | None:
@@ -166,14 +166,14 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
     for key in ("batch_tokens", "pad_to_multiple"):
         if getattr(params.train, key) and not packed(params):
             raise TunelineError(f"train.{key} needs packed rows; set train.packing: true (packing is off by "
-                                "default unless the model is compiled, as on a GPU)")
+                                "default on a GPU when the model is not compiled)")
     if packed(params):
         model.config.use_cache = False  # the packed rows' mask comes from position ids, with no KV cache
         collator = packed_collator(params.train.pad_to_multiple, tokenizer)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens, compiled(params))
-                          if _auto(params.train.chunked_loss, _on_gpu()) else (None, lambda: None))
+                          if _auto(params.train.chunked_loss, True) else (None, lambda: None))
     if args.gradient_checkpointing and params.train.checkpoint_skip_layers:
         callbacks = [*callbacks, supervision.SkipCheckpointing(params.train.checkpoint_skip_layers)]
     trainer = supervision.TunelineTrainer(model=model, args=args, train_dataset=train_data, eval_dataset=eval_data,
