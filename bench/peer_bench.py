@@ -44,8 +44,7 @@ def peer(args, rows: list[dict], data_kind: str, compiled: bool, padding_free: b
 
     from tasks.bootstrap.tiny import build_tokenizer
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    tb.fresh_start()
     model = tb.model_for(args.shape, args.seq, "flex_attention" if padding_free else "sdpa")
     per_tok = tb.flops_per_token(model, args.seq, args.ckpt)
     data = Dataset.from_list([{"input_ids": r["input_ids"],

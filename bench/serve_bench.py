@@ -432,6 +432,7 @@ def main() -> None:
             for variant in args.compile:
                 run_tuneline(model_dir, texts, levels, args, keep, variant)
                 gc.collect()  # the variant's model and graphs, before the next one loads
+                torch._dynamo.reset()  # and what it compiled: each variant compiles afresh (train_bench.fresh_start)
                 if gpu:
                     torch.cuda.empty_cache()
         if "tuneline-served" in engines:

@@ -116,12 +116,23 @@ def result(name, data_kind, args, step_s, tokens, real_tokens, per_tok, peaks) -
             "peak_mem_gib": round(max(peaks["build"], train_peak), 1), "train_peak_mem_gib": round(train_peak, 1)}
 
 
+def fresh_start() -> None:
+    """Before each run: free memory, reset the peak, and drop what torch.compile compiled for earlier runs.
+
+    Every run compiles the same transformers layer code, and dynamo's caches and its recompile limit (8 per code
+    object) are per process: a run after others would find that limit spent and run those frames eagerly (seen
+    on an H100: `torch._dynamo hit config.recompile_limit (8)` at the second run's first step, and every later
+    run slowed; bench/results/peer_h100.txt)."""
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
 def baseline(args, rows, data_kind, compile_: bool) -> dict:
     """The shared baseline loop, with padded batches of `rows`."""
     from peft import LoraConfig, get_peft_model
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    fresh_start()
     model = model_for(args.shape, args.seq)
     per_tok = flops_per_token(model, args.seq, args.ckpt)
     if args.ckpt:
@@ -173,8 +184,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     from tuneline.config import Params
     from tuneline.training.trainer import attention, build_trainer, load_base, training_args, with_adapter
 
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    fresh_start()
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
     default_for_qlora = "auto" if method == "qlora" else False  # as the train stage runs it: eager, padded
     params = Params.model_validate({"train": {
