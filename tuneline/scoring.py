@@ -91,7 +91,9 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
         rouge["rouge_l"] += s["rougeL"].fmeasure
     n = max(len(references), 1)
     exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)) / n
-    bleu = sacrebleu.corpus_bleu(predictions, [references], force=True).score / 100
+    # Effective order: n-gram orders that no prediction reaches are left out, not scored as zero. Answers of up to
+    # three words (the default task) would otherwise score 0 when every one is right, above 0 only when some are long.
+    bleu = sacrebleu.corpus_bleu(predictions, [references], force=True, use_effective_order=True).score / 100
     return {**{k: v / n for k, v in rouge.items()}, "bleu": bleu, "exact_match": exact}
 
 
