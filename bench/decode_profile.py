@@ -99,7 +99,8 @@ def kernels(d, n: int, length: int, steps: int = 10) -> None:
 
 
 def first_tokens(engine, texts: list[str]) -> None:
-    """Requests of one token, one at a time, each prompt a new length (the prefill's shapes vary)."""
+    """Requests of one token, one at a time, over 16 of the bench's prompts: their lengths vary, and so do the
+    prefill's shapes."""
     times = []
     for text in texts[:16]:
         job = engine.prepare({"kind": "completion", "prompt": text, "max_tokens": 1, "temperature": 0.0,
@@ -108,8 +109,8 @@ def first_tokens(engine, texts: list[str]) -> None:
         engine.generate([job])
         times.append(1000 * (time.perf_counter() - start))
     times.sort()
-    print(f"one-token requests, 16 prompt lengths: ms p50 {times[8]:.1f}, max {times[-1]:.1f}, min {times[0]:.1f}",
-          flush=True)
+    print(f"one-token requests, 16 prompts of varying length: ms p50 {times[8]:.1f}, max {times[-1]:.1f}, "
+          f"min {times[0]:.1f}", flush=True)
 
 
 def main() -> None:
