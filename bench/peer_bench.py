@@ -64,6 +64,7 @@ def peer(args, rows: list[dict], data_kind: str, compiled: bool, padding_free: b
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
             tb.built(peaks)  # the model is on the GPU with its adapter: training's peak counts from here
+            marks[-1] = (time.perf_counter(), 0)
 
         def on_step_end(self, a, state, control, **kw):
             if state.global_step in (args.warmup, args.warmup + args.steps):
@@ -78,7 +79,8 @@ def peer(args, rows: list[dict], data_kind: str, compiled: bool, padding_free: b
     step_s = (t1 - t0) / args.steps
     real = (n1 - n0) / args.steps
     name = f"trl-liger-{'compiled' if compiled else 'eager'}-{'padding-free' if padding_free else 'padded'}"
-    out = tb.result(name, data_kind, args, step_s, real, real, per_tok, peaks) | {"bs": args.peer_bs}
+    out = tb.result(name, data_kind, args, step_s, real, real, per_tok, peaks) | {
+        "bs": args.peer_bs, "warmup_s": round(t0 - marks[-1][0], 1)}
     del trainer, model
     return out
 
@@ -110,12 +112,15 @@ def main() -> None:
     ap.add_argument("--graphs", type=int, default=0, metavar="MULTIPLE",
                     help="also run Tuneline with train.compile_mode reduce-overhead (CUDA graphs) and "
                          "train.pad_to_multiple MULTIPLE (0: not)")
+    ap.add_argument("--whole-model", action="store_true",
+                    help="also run Tuneline with train.compile_regions false (the whole model as one graph)")
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
     args.no_packing = args.no_chunked = args.no_compile = False  # train_bench's Tuneline run: its GPU defaults
     print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
 
     def emit(line: dict) -> None:
+        line |= {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
         print(json.dumps(line), flush=True)
         if args.out:
             with open(args.out, "a") as f:
@@ -126,13 +131,15 @@ def main() -> None:
     args.peer_bs = max(1, round(args.batch_tokens / mean_length)) if args.batch_tokens else args.bs
     rows = tb.make_data(args.data, (args.warmup + args.steps + 2) * max(args.bs, args.peer_bs), args.seq, vocab)
     results = {}
-    ours = ["tuneline", *(["tuneline-graphs"] if args.graphs else [])]
+    ours = ["tuneline", *(["tuneline-whole-model"] if args.whole_model else []),
+            *(["tuneline-graphs"] if args.graphs else [])]
     for run in [*ours, *args.peers.split(",")]:
         try:
             if run in ours:
                 graphs = run == "tuneline-graphs"
                 args.compile_mode = "reduce-overhead" if graphs else "default"
                 args.pad_to_multiple = args.graphs if graphs else 0
+                args.whole_model = run == "tuneline-whole-model"
                 r = tb.tuneline(args, rows, args.data)
             else:
                 r = peer(args, rows, args.data, *PEER_RUNS[run])

@@ -197,7 +197,8 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
         "output_dir": str(work / "adapter"), "checkpoint_dir": str(work / "ckpt"),
         "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
         "batch_tokens": getattr(args, "batch_tokens", 0), "pad_to_multiple": getattr(args, "pad_to_multiple", 0),
-        "compile_mode": getattr(args, "compile_mode", "default")},
+        "compile_mode": getattr(args, "compile_mode", "default"),
+        "compile_regions": not getattr(args, "whole_model", False)},
         "lora": {"method": method, "r": 16, "alpha": 32, "target_modules": TARGETS},
         "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
     targs = training_args(params, has_eval=False)
@@ -213,6 +214,9 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     marks: dict[int, tuple[float, int]] = {}
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            marks[-1] = (time.perf_counter(), 0)
+
         def on_step_end(self, a, state, control, **kw):
             if state.global_step in (args.warmup, args.warmup + args.steps):
                 torch.cuda.synchronize()
@@ -229,8 +233,10 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     name = "tuneline" + "".join(f"-no{k}" for k in ("packing", "chunked", "compile") if getattr(args, f"no_{k}"))
     name += f"-{method}" if model_dir else ""
     name += "-graphs" if params.train.compile_mode == "reduce-overhead" else ""
+    name += "-whole-model" if not params.train.compile_regions else ""
     # Trainer counts non-padding tokens only: with packing there is no padding to count.
     out = result(name, data_kind, args, step_s, real, real, per_tok, peaks)
+    out["warmup_s"] = round(t0 - marks[-1][0], 1)  # the warm-up steps with torch.compile's compilations
     if args.skip_ckpt_layers:
         out["skip_ckpt_layers"] = args.skip_ckpt_layers
     for key in ("batch_tokens", "pad_to_multiple"):

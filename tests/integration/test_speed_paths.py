@@ -235,3 +235,32 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
     # 4-bit weights move the numbers a little, not the curve: same start and end within 5%.
     assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=0.05)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("regions", [True, False], ids=["regional", "whole-model"])
+def test_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(tiny_run, tmp_path, regions):
+    """train.compile (packed rows, dynamic shapes from the first step) with one compiled decoder layer reused by
+    the others, or the whole model compiled: the same losses as the plain run (fp32), and an adapter whose
+    tensor names carry no trace of the compiler (it loads into the uncompiled model)."""
+    import csv
+
+    from safetensors import safe_open
+
+    from tasks import run_stage
+
+    params, _ = tiny_run
+    runs = {}
+    for name, compile_ in (("plain", False), ("compiled", True)):
+        out = tmp_path / name
+        run = params.model_copy(update={
+            "reports_dir": out / "reports",
+            "train": params.train.model_copy(update={
+                "packing": True, "chunked_loss": False, "compile": compile_, "compile_regions": regions,
+                "max_steps": 6, "logging_steps": 1, "output_dir": out / "adapter", "checkpoint_dir": out / "ckpt"})})
+        run_stage("train", run)
+        runs[name] = [float(r["loss"]) for r in csv.DictReader((out / "reports" / "train_log.csv").open())]
+    assert len(runs["compiled"]) == 6 and runs["compiled"] == pytest.approx(runs["plain"], rel=1e-3)
+    with safe_open(tmp_path / "compiled" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    with safe_open(tmp_path / "plain" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert keys == list(f.keys()) and not any("_orig_mod" in k for k in keys)

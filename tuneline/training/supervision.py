@@ -47,10 +47,23 @@ class Preempted(TunelineError):
 class TunelineTrainer(Trainer):
     """Trainer with atomic checkpoints, a stop on non-finite loss and, with `batch_tokens`, token-budget batches."""
 
-    def __init__(self, *args, batch_tokens: int = 0, **kwargs):
+    def __init__(self, *args, batch_tokens: int = 0, compile_regions: bool = False, dynamic: bool = False, **kwargs):
+        self.compile_regions, self.dynamic = compile_regions, dynamic  # read while Trainer builds its Accelerator
         super().__init__(*args, **kwargs)
         self.batch_tokens = batch_tokens
         self.padding = 0  # of the last batch prepared (train.pad_to_multiple)
+
+    def _build_accelerator_args(self, **kwargs):
+        # Trainer hands accelerate a TorchDynamoPlugin with no say over regional or dynamic compilation.
+        # Regional: one decoder layer compiles and the others reuse it, instead of one graph of the whole model.
+        # Dynamic from the first step: packed rows change length every step, and automatic dynamic shapes would
+        # compile a static graph first and the whole model again at step two (minutes each on a GPU).
+        args = super()._build_accelerator_args(**kwargs)
+        plugin = args.get("dynamo_plugin")
+        if plugin is not None:
+            plugin.use_regional_compilation = self.compile_regions
+            plugin.dynamic = True if self.dynamic else plugin.dynamic
+        return args
 
     def get_train_dataloader(self):
         if not self.batch_tokens:
