@@ -11,6 +11,7 @@ to beat.
     python bench/peer_bench.py --shape llama-1b --data variable --bs 8 --warmup 6 --steps 30
     python bench/peer_bench.py --shape llama-8b --data fixed --bs 4 --ckpt --skip-ckpt-layers 5
     python bench/peer_bench.py ... --batch-tokens 16384   # Tuneline with train.batch_tokens
+    python bench/peer_bench.py ... --regions              # also Tuneline with train.compile_regions
     python bench/peer_bench.py ... --graphs 256           # also Tuneline with CUDA graphs (reduce-overhead),
                                                           # its packed rows padded to multiples of 256 tokens
 
@@ -112,8 +113,8 @@ def main() -> None:
     ap.add_argument("--graphs", type=int, default=0, metavar="MULTIPLE",
                     help="also run Tuneline with train.compile_mode reduce-overhead (CUDA graphs) and "
                          "train.pad_to_multiple MULTIPLE (0: not)")
-    ap.add_argument("--whole-model", action="store_true",
-                    help="also run Tuneline with train.compile_regions false (the whole model as one graph)")
+    ap.add_argument("--regions", action="store_true",
+                    help="also run Tuneline with train.compile_regions (one decoder layer compiles, the rest reuse it)")
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
     args.no_packing = args.no_chunked = args.no_compile = False  # train_bench's Tuneline run: its GPU defaults
@@ -131,15 +132,15 @@ def main() -> None:
     args.peer_bs = max(1, round(args.batch_tokens / mean_length)) if args.batch_tokens else args.bs
     rows = tb.make_data(args.data, (args.warmup + args.steps + 2) * max(args.bs, args.peer_bs), args.seq, vocab)
     results = {}
-    ours = ["tuneline", *(["tuneline-whole-model"] if args.whole_model else []),
+    ours = ["tuneline", *(["tuneline-regions"] if args.regions else []),
             *(["tuneline-graphs"] if args.graphs else [])]
-    for run in [*ours, *args.peers.split(",")]:
+    for run in [*ours, *filter(None, args.peers.split(","))]:
         try:
             if run in ours:
                 graphs = run == "tuneline-graphs"
                 args.compile_mode = "reduce-overhead" if graphs else "default"
                 args.pad_to_multiple = args.graphs if graphs else 0
-                args.whole_model = run == "tuneline-whole-model"
+                args.regions = run == "tuneline-regions"
                 r = tb.tuneline(args, rows, args.data)
             else:
                 r = peer(args, rows, args.data, *PEER_RUNS[run])

@@ -140,8 +140,9 @@ class Train(Section):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile's mode when compiled; reduce-overhead: the forward and backward as "
         "CUDA graphs, one per step size (pair it with pad_to_multiple)")
-    compile_regions: bool = Field(True, description="when compiled: one decoder layer compiles and the others "
-                                  "reuse it (a fraction of the compile time); false: the whole model as one graph")
+    compile_regions: bool = Field(False, description="when compiled: one decoder layer compiles and the others "
+                                  "reuse it, with dynamic shapes from the first step for packed rows (less compile "
+                                  "time; not yet timed on a GPU); false: the whole model as one graph")
     pad_to_multiple: int = Field(0, ge=0, description="with packing: each step's row padded up to a multiple of this "
                                  "many tokens (the padding attends to itself only and has no loss), so that steps "
                                  "come in few sizes (0: off)")
