@@ -193,12 +193,12 @@ def test_token_budget_batches_train_through_the_stage_and_stay_under_budget(tiny
 
 
 def test_skipping_checkpointing_on_the_last_layers_keeps_loss_and_gradients():
-    from tuneline.training.supervision import SkipCheckpointing
+    from tuneline.training.supervision import skip_checkpointing
 
     def loss_and_grads(skip: int):
         model = tiny_llama().train()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        SkipCheckpointing(skip).on_train_begin(None, None, None, model=model)
+        skip_checkpointing(model, skip)
         batch = pad(examples(3))
         loss = model(**batch).loss
         loss.backward()
@@ -237,22 +237,35 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
-def test_regionally_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(tiny_run, tmp_path):
+def test_regionally_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(tiny_run, tmp_path,
+                                                                                          monkeypatch):
     """train.compile with train.compile_regions (one compiled decoder layer that the others reuse, dynamic shapes
-    from the first step for packed rows): the losses of the plain run (fp32), and an adapter whose tensor names
-    carry no trace of the compiler (it loads into the uncompiled model)."""
+    from the first step for packed rows), under gradient checkpointing with the last layer kept out of it: the
+    losses of the plain run (fp32), the layer that runs (a compiled copy) really out of checkpointing, and an
+    adapter whose tensor names carry no trace of the compiler (it loads into the uncompiled model)."""
     import csv
 
     from safetensors import safe_open
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
     from tasks import run_stage
+    from tasks.train import sft
 
     params, _ = tiny_run
     compiled = params.model_copy(update={
         "reports_dir": tmp_path / "reports",
         "train": params.train.model_copy(update={"compile": True, "compile_regions": True,
+                                                 "gradient_checkpointing": True, "checkpoint_skip_layers": 1,
                                                  "output_dir": tmp_path / "adapter",
                                                  "checkpoint_dir": tmp_path / "ckpt"})})
+    trainers = []
+    real_build = sft.build_trainer
+
+    def kept(*args, **kwargs):
+        trainers.append(real_build(*args, **kwargs)[0])
+        return trainers[-1], lambda: None
+
+    monkeypatch.setattr(sft, "build_trainer", kept)
     run_stage("train", compiled)
 
     def losses(reports):
@@ -260,6 +273,9 @@ def test_regionally_compiled_training_follows_the_plain_curve_and_saves_plain_ad
 
     assert len(losses(tmp_path / "reports")) == 3
     assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=1e-3)
+    ran = [m for m in trainers[0].model_wrapped.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert ran and ran[-1].gradient_checkpointing is False
+    assert any(type(m).__name__ == "OptimizedModule" for m in trainers[0].model_wrapped.modules())
     names = []
     for adapter in (tmp_path / "adapter", params.train.output_dir):
         with safe_open(adapter / "adapter_model.safetensors", "pt") as f:

@@ -47,10 +47,11 @@ class Preempted(TunelineError):
 class TunelineTrainer(Trainer):
     """Trainer with atomic checkpoints, a stop on non-finite loss and, with `batch_tokens`, token-budget batches."""
 
-    def __init__(self, *args, batch_tokens: int = 0, compile_regions: bool = False, dynamic: bool = False, **kwargs):
+    def __init__(self, *args, batch_tokens: int = 0, compile_regions: bool = False, dynamic: bool = False,
+                 skip_checkpointing: int = 0, **kwargs):
         self.compile_regions, self.dynamic = compile_regions, dynamic  # read while Trainer builds its Accelerator
         super().__init__(*args, **kwargs)
-        self.batch_tokens = batch_tokens
+        self.batch_tokens, self.skip_checkpointing = batch_tokens, skip_checkpointing
         self.padding = 0  # of the last batch prepared (train.pad_to_multiple)
 
     def _build_accelerator_args(self, **kwargs):
@@ -78,6 +79,11 @@ class TunelineTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.skip_checkpointing and self.args.gradient_checkpointing:
+            # On the model that runs, once Trainer has turned checkpointing on: regional compilation runs
+            # copies of the layers, which the model Trainer hands its callbacks does not hold.
+            skip_checkpointing(model, self.skip_checkpointing)
+            self.skip_checkpointing = 0
         loss = super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step + 1
         if os.environ.get(FAULT_NAN_ENV) == str(step):
@@ -123,22 +129,17 @@ class TunelineTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
 
-class SkipCheckpointing(TrainerCallback):
-    """Take the last `layers` decoder layers out of gradient checkpointing once Trainer has turned it on.
+def skip_checkpointing(model, layers: int) -> None:
+    """Take the last `layers` decoder layers of `model` out of gradient checkpointing.
 
     Backward recomputes the forward of every checkpointed layer; memory the fused loss
     freed can hold some layers' activations instead (train.checkpoint_skip_layers).
     """
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    def __init__(self, layers: int):
-        self.layers = layers
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-        for layer in checkpointed[max(0, len(checkpointed) - self.layers):]:
-            layer.gradient_checkpointing = False
+    checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in checkpointed[max(0, len(checkpointed) - layers):]:
+        layer.gradient_checkpointing = False
 
 
 class PreemptionHandler(TrainerCallback):

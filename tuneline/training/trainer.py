@@ -174,12 +174,11 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens, compiled(params))
                           if _auto(params.train.chunked_loss, True) else (None, lambda: None))
-    if args.gradient_checkpointing and params.train.checkpoint_skip_layers:
-        callbacks = [*callbacks, supervision.SkipCheckpointing(params.train.checkpoint_skip_layers)]
     return supervision.TunelineTrainer(
         model=model, args=args, train_dataset=train_data, eval_dataset=eval_data, data_collator=collator,
         callbacks=list(callbacks), compute_loss_func=loss_func, batch_tokens=params.train.batch_tokens,
-        compile_regions=params.train.compile_regions, dynamic=packed(params)), restore
+        compile_regions=params.train.compile_regions, dynamic=packed(params),
+        skip_checkpointing=params.train.checkpoint_skip_layers), restore
 
 
 @dataclass
