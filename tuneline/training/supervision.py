@@ -45,7 +45,8 @@ class Preempted(TunelineError):
 
 
 class TunelineTrainer(Trainer):
-    """Trainer with atomic checkpoints, a stop on non-finite loss and, with `batch_tokens`, token-budget batches."""
+    """Trainer with atomic checkpoints, a stop on non-finite loss, token-budget batches (`batch_tokens`),
+    regional compilation (`compile_regions`) and the last layers out of checkpointing (`skip_checkpointing`)."""
 
     def __init__(self, *args, batch_tokens: int = 0, compile_regions: bool = False, dynamic: bool = False,
                  skip_checkpointing: int = 0, **kwargs):
