@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
 
 from tuneline.training.loss import chunked_cross_entropy, install
+
+
+def losses(reports) -> list[float]:
+    """The losses a train stage logged to its reports folder."""
+    return [float(r["loss"]) for r in csv.DictReader((reports / "train_log.csv").open())]
 
 
 def tiny_llama(attn: str = "sdpa") -> LlamaForCausalLM:
@@ -112,8 +119,6 @@ def test_installed_chunked_loss_matches_the_model_loss():
 def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_run, tmp_path, pad_to_multiple):
     """The engine's packed, chunked-loss path logs the same losses as the padded default (fp32), and counts the
     same tokens seen; with each packed row padded up to a multiple of 96 tokens too."""
-    import csv
-
     from tasks import run_stage
     from tuneline.atomic import read_json
 
@@ -125,9 +130,6 @@ def test_train_stage_with_packing_and_chunked_loss_follows_the_same_curve(tiny_r
                                                  "output_dir": tmp_path / "adapter",
                                                  "checkpoint_dir": tmp_path / "ckpt"})})
     run_stage("train", fast)
-
-    def losses(reports):
-        return [float(r["loss"]) for r in csv.DictReader((reports / "train_log.csv").open())]
 
     assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=1e-4)
     assert read_json(tmp_path / "reports" / "train.json")["tokens_seen"] == \
@@ -214,8 +216,6 @@ def test_skipping_checkpointing_on_the_last_layers_keeps_loss_and_gradients():
 
 def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
     """`lora.method: qlora`: the frozen base is NF4 (bitsandbytes, on CPU here), the adapter learns as LoRA does."""
-    import csv
-
     from bitsandbytes.nn import Linear4bit
 
     from tasks import run_stage
@@ -229,9 +229,6 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
     assert any(isinstance(m, Linear4bit) for m in load_model(qlora, quantize=True).modules())
     run_stage("train", qlora)
 
-    def losses(reports):
-        return [float(r["loss"]) for r in csv.DictReader((reports / "train_log.csv").open())]
-
     # 4-bit weights move the numbers a little, not the curve: same start and end within 5%.
     assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=0.05)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
@@ -243,8 +240,6 @@ def test_regionally_compiled_training_follows_the_plain_curve_and_saves_plain_ad
     from the first step for packed rows), under gradient checkpointing with the last layer kept out of it: the
     losses of the plain run (fp32), the layer that runs (a compiled copy) really out of checkpointing, and an
     adapter whose tensor names carry no trace of the compiler (it loads into the uncompiled model)."""
-    import csv
-
     from safetensors import safe_open
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -267,9 +262,6 @@ def test_regionally_compiled_training_follows_the_plain_curve_and_saves_plain_ad
 
     monkeypatch.setattr(sft, "build_trainer", kept)
     run_stage("train", compiled)
-
-    def losses(reports):
-        return [float(r["loss"]) for r in csv.DictReader((reports / "train_log.csv").open())]
 
     assert len(losses(tmp_path / "reports")) == 3
     assert losses(tmp_path / "reports") == pytest.approx(losses(params.reports_dir), rel=1e-3)
