@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--peers", default=",".join(PEER_RUNS),
                     help="peer configurations to run (fixed-length rows need no padding-free variant)")
     ap.add_argument("--skip-ckpt-layers", type=int, default=0, help="train.checkpoint_skip_layers for Tuneline")
-    ap.add_argument("--loss-chunk-tokens", type=int, default=4096, help="train.loss_chunk_tokens for Tuneline")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=1024, help="train.loss_chunk_tokens for Tuneline")
     ap.add_argument("--batch-tokens", type=int, default=0,
                     help="train.batch_tokens for Tuneline (0: off); the peer then gets as many examples a step as "
                          "fill the same number of tokens on average")

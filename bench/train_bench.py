@@ -122,8 +122,13 @@ def fresh_start() -> None:
     Every run compiles the same transformers layer code, and dynamo's caches and its recompile limit (8 per code
     object) are per process: a run after others would find that limit spent and run those frames eagerly (seen
     on an H100: `torch._dynamo hit config.recompile_limit (8)` at the second run's first step, and every later
-    run slowed; bench/results/peer_h100.txt)."""
+    run slowed; bench/results/peer_h100.txt).
+
+    The limit is raised too, for every run alike: within one run of TRL's compiled peer, transformers' deprecation
+    wrapper (one code object shared by every decorated forward) spent it on its own, and the frames past it ran
+    eagerly (bench/results/peer_h100.txt, 2026-12-05 afternoon)."""
     torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 64
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
@@ -237,6 +242,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     # Trainer counts non-padding tokens only: with packing there is no padding to count.
     out = result(name, data_kind, args, step_s, real, real, per_tok, peaks)
     out["warmup_s"] = round(t0 - marks[-1][0], 1)  # the warm-up steps with torch.compile's compilations
+    out["loss_chunk_tokens"] = params.train.loss_chunk_tokens
     if args.skip_ckpt_layers:
         out["skip_ckpt_layers"] = args.skip_ckpt_layers
     for key in ("batch_tokens", "pad_to_multiple"):
@@ -287,14 +293,13 @@ def main() -> None:
     for k in ("packing", "chunked", "compile"):
         ap.add_argument(f"--no-{k}", action="store_true", help=f"Tuneline without {k}")
     ap.add_argument("--skip-ckpt-layers", type=int, default=0, help="train.checkpoint_skip_layers for Tuneline")
-    ap.add_argument("--loss-chunk-tokens", type=int, default=4096, help="train.loss_chunk_tokens for Tuneline")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=1024, help="train.loss_chunk_tokens for Tuneline")
     ap.add_argument("--qlora", action="store_true", help="QLoRA vs bf16 LoRA (memory, loss); bs 1, ckpt, 200 steps")
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
     if args.qlora:
         args.bs, args.ckpt, args.steps, args.warmup = 1, True, max(args.steps, 190), 10
-        args.loss_chunk_tokens = 1024
         return qlora_compare(args)
     vocab = SHAPES[args.shape]["vocab_size"]
     for kind in args.data.split(","):
