@@ -59,7 +59,8 @@ class TunelineTrainer(Trainer):
         # Trainer hands accelerate a TorchDynamoPlugin with no say over regional or dynamic compilation.
         # Regional: one decoder layer compiles and the others reuse it, instead of one graph of the whole model.
         # Dynamic from the first step (`dynamic`: packed rows, whose length changes every step): automatic dynamic
-        # shapes would compile a static graph first and again at step two (an H100: 107 s, then 122 s).
+        # shapes would compile a static graph first and again at step two. For the regions, one compile (an H100:
+        # 107 s); the whole model stays automatic, since one dynamic compile of it took as long as both (250 s).
         args = super()._build_accelerator_args(**kwargs)
         plugin = args.get("dynamo_plugin")
         if plugin is not None and self.compile_regions:
