@@ -11,9 +11,14 @@ to beat.
     python bench/peer_bench.py --shape llama-1b --data variable --bs 8 --warmup 6 --steps 30
     python bench/peer_bench.py --shape llama-8b --data fixed --bs 4 --ckpt --skip-ckpt-layers 5
     python bench/peer_bench.py ... --batch-tokens 16384   # Tuneline with train.batch_tokens
-    python bench/peer_bench.py ... --regions              # also Tuneline with train.compile_regions
-    python bench/peer_bench.py ... --graphs 256           # also Tuneline with CUDA graphs (reduce-overhead),
-                                                          # its packed rows padded to multiples of 256 tokens
+    python bench/peer_bench.py ... --ours tuneline,tuneline-regions   # also train.compile_regions
+    python bench/peer_bench.py ... --ours tuneline,tuneline-graphs --rehearse
+        # also CUDA graphs (train.compile_mode reduce-overhead, rows padded to multiples of --pad-to-multiple)
+
+`--rehearse`: every run's warm-up is its timed steps themselves, the same batches in the same order
+(sequential sampling, so the warm-up count is --steps): each run meets every step size before the clock
+starts. A run that compiles or records a CUDA graph per new size is then timed at its steady state, as
+in a long training run where sizes recur, and not on its first meetings with them.
 
 Prints one JSON line per run and a ratio line per workload; `--out` appends them (JSON Lines,
 bench/results/peer_h200.jsonl): per run {"engine", "shape", "data", "nonpad_tokens_per_s",
@@ -58,7 +63,8 @@ def peer(args, rows: list[dict], data_kind: str, compiled: bool, padding_free: b
         use_liger_kernel=True, padding_free=padding_free, torch_compile=compiled, max_length=None,
         completion_only_loss=True, gradient_checkpointing=args.ckpt,  # rows are already at most --seq long
         gradient_checkpointing_kwargs={"use_reentrant": False}, include_num_input_tokens_seen="non_padding",
-        dataloader_drop_last=True, dataset_num_proc=1)
+        dataloader_drop_last=True, dataset_num_proc=1,
+        train_sampling_strategy="sequential" if args.rehearse else "random")
     marks: dict[int, tuple[float, int]] = {}
     peaks: dict = {}
 
@@ -106,22 +112,33 @@ def main() -> None:
     ap.add_argument("--peers", default=",".join(PEER_RUNS),
                     help="peer configurations to run (fixed-length rows need no padding-free variant)")
     ap.add_argument("--skip-ckpt-layers", type=int, default=0, help="train.checkpoint_skip_layers for Tuneline")
-    ap.add_argument("--loss-chunk-tokens", type=int, default=1024, help="train.loss_chunk_tokens for Tuneline")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=512, help="train.loss_chunk_tokens for Tuneline")
     ap.add_argument("--batch-tokens", type=int, default=0,
                     help="train.batch_tokens for Tuneline (0: off); the peer then gets as many examples a step as "
                          "fill the same number of tokens on average")
-    ap.add_argument("--graphs", type=int, default=0, metavar="MULTIPLE",
-                    help="also run Tuneline with train.compile_mode reduce-overhead (CUDA graphs) and "
-                         "train.pad_to_multiple MULTIPLE (0: not)")
-    ap.add_argument("--regions", action="store_true",
-                    help="also run Tuneline with train.compile_regions (one decoder layer compiles, the rest reuse it)")
+    ap.add_argument("--ours", default="tuneline",
+                    help="Tuneline runs, comma-separated: tuneline (its defaults), tuneline-regions "
+                         "(train.compile_regions), tuneline-graphs (train.compile_mode reduce-overhead, CUDA graphs)")
+    ap.add_argument("--pad-to-multiple", type=int, default=256,
+                    help="train.pad_to_multiple of the tuneline-graphs run: its steps come in fewer sizes")
+    ap.add_argument("--rehearse", action="store_true",
+                    help="warm up on the timed steps' own batches, in order (--warmup is then --steps)")
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
     args.no_packing = args.no_chunked = args.no_compile = False  # train_bench's Tuneline run: its GPU defaults
+    ours = [name for name in args.ours.split(",") if name]
+    unknown = set(ours) - {"tuneline", "tuneline-regions", "tuneline-graphs"}
+    if unknown:
+        ap.error(f"--ours: unknown runs {sorted(unknown)}")
+    if args.rehearse and args.batch_tokens:
+        ap.error("--rehearse reads the rows in order; train.batch_tokens draws its own batches")
+    if args.rehearse:
+        args.warmup = args.steps
     print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
 
     def emit(line: dict) -> None:
         line |= {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+        line |= {"rehearse": True} if args.rehearse else {}
         print(json.dumps(line), flush=True)
         if args.out:
             with open(args.out, "a") as f:
@@ -130,16 +147,18 @@ def main() -> None:
     vocab = tb.SHAPES[args.shape]["vocab_size"]
     mean_length = sum(len(r["input_ids"]) for r in tb.make_data(args.data, 1000, args.seq, vocab)) / 1000
     args.peer_bs = max(1, round(args.batch_tokens / mean_length)) if args.batch_tokens else args.bs
-    rows = tb.make_data(args.data, (args.warmup + args.steps + 2) * max(args.bs, args.peer_bs), args.seq, vocab)
-    results = {}
-    ours = ["tuneline", *(["tuneline-regions"] if args.regions else []),
-            *(["tuneline-graphs"] if args.graphs else [])]
+    if args.rehearse:  # the warm-up's batches are the timed ones: the rows twice, read in order
+        timed = tb.make_data(args.data, args.steps * max(args.bs, args.peer_bs), args.seq, vocab)
+        rows = timed + timed
+    else:
+        rows = tb.make_data(args.data, (args.warmup + args.steps + 2) * max(args.bs, args.peer_bs), args.seq, vocab)
+    results, multiple = {}, args.pad_to_multiple
     for run in [*ours, *filter(None, args.peers.split(","))]:
         try:
             if run in ours:
                 graphs = run == "tuneline-graphs"
                 args.compile_mode = "reduce-overhead" if graphs else "default"
-                args.pad_to_multiple = args.graphs if graphs else 0
+                args.pad_to_multiple = multiple if graphs else 0
                 args.regions = run == "tuneline-regions"
                 r = tb.tuneline(args, rows, args.data)
             else:

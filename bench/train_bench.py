@@ -113,7 +113,7 @@ def result(name, data_kind, args, step_s, tokens, real_tokens, per_tok, peaks) -
             "nonpad_tokens_per_s": round(real_tokens / step_s),
             "padding_fraction": round(1 - real_tokens / tokens, 4),
             "mfu": round(real_tokens / step_s * per_tok / PEAK, 3),
-            "peak_mem_gib": round(max(peaks["build"], train_peak), 1), "train_peak_mem_gib": round(train_peak, 1)}
+            "peak_mem_gib": round(max(peaks["build"], train_peak), 1), "train_peak_mem_gib": round(train_peak, 2)}
 
 
 def fresh_start() -> None:
@@ -208,6 +208,8 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
         "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
     targs = training_args(params, has_eval=False)
     targs.dataloader_drop_last = True
+    if getattr(args, "rehearse", False):  # bench/peer_bench.py: the rows are read in order
+        targs.train_sampling_strategy = "sequential"
     if model_dir:
         base = load_base(params)
     else:
@@ -293,7 +295,7 @@ def main() -> None:
     for k in ("packing", "chunked", "compile"):
         ap.add_argument(f"--no-{k}", action="store_true", help=f"Tuneline without {k}")
     ap.add_argument("--skip-ckpt-layers", type=int, default=0, help="train.checkpoint_skip_layers for Tuneline")
-    ap.add_argument("--loss-chunk-tokens", type=int, default=1024, help="train.loss_chunk_tokens for Tuneline")
+    ap.add_argument("--loss-chunk-tokens", type=int, default=512, help="train.loss_chunk_tokens for Tuneline")
     ap.add_argument("--qlora", action="store_true", help="QLoRA vs bf16 LoRA (memory, loss); bs 1, ckpt, 200 steps")
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()

@@ -135,7 +135,7 @@ class Train(Section):
     packing: bool | Literal["auto"] = Field("auto", description="padding-free batches; auto: on, except on a GPU "
                                                                 "without compile")
     chunked_loss: bool | Literal["auto"] = Field("auto", description="no vocabulary-wide fp32 logits; auto: on")
-    loss_chunk_tokens: int = Field(1024, gt=0, description="tokens scored at once by the chunked loss")
+    loss_chunk_tokens: int = Field(512, gt=0, description="tokens scored at once by the chunked loss")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto: on a GPU, not QLoRA")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile's mode when compiled; reduce-overhead: the forward and backward as "
