@@ -5,8 +5,9 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
   synchronize, a pinned host-to-device copy;
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
   captures (unless --no-compile), of the plain step, and the plain step without a graph;
-- the device time of one plain decode step (no graph) by kernel, at one row and at 32: where the
-  time goes that a graph does not remove (matrix-vector products, attention, small kernels);
+- the device time of one decode step by kernel (no graph, so that each kernel is seen), of the compiled
+  step and of the plain one, at two rows and at 32: where the time goes that a graph does not remove
+  (matrix-vector products, attention, small kernels);
 - one request at a time, one token each, over prompts of different lengths: the time to first token;
 - the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
   each part of the decoder loop, at pipeline depth 1 and 2.
@@ -79,20 +80,20 @@ def step_times(d, plain: DecodeGraphs | None) -> None:
             f"{name} step {us:8.1f} us" for name, us in replay.items()) + f", no graph {eager:8.1f} us", flush=True)
 
 
-def kernels(d, n: int, length: int, steps: int = 10) -> None:
-    """Device time per decode step by kernel (the plain step, no graph, so each kernel is seen)."""
+def kernels(step, name: str, n: int, length: int, steps: int = 10) -> None:
+    """Device time per decode step by kernel: `step(n, length)` run without a graph, so each kernel is seen."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
-        d.forward.pick(n, length)
+        step(n, length)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            d.forward.pick(n, length)
+            step(n, length)
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
     total = sum(e.self_device_time_total for e in events) / steps
-    print(f"rows {n} length {length}: kernels {sum(e.count for e in events) / steps:.0f} a step, "
+    print(f"{name} step, rows {n} length {length}: kernels {sum(e.count for e in events) / steps:.0f} a step, "
           f"device {total:.1f} us a step; the largest:", flush=True)
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
         print(f"  {e.self_device_time_total / steps:8.1f} us {e.count / steps:5.0f}x  {e.key[:100]}", flush=True)
@@ -133,8 +134,10 @@ def main() -> None:
     plain = DecodeGraphs(d.forward.pick, d.slots, d.length) if args.compile else None
     with torch.inference_mode():
         step_times(d, plain)
-        for n in (1, 32):
-            kernels(d, n, 512)
+        steps = [("compiled", d.graphs.step)] if plain is not None else []
+        for name, step in [*steps, ("plain", d.forward.pick)]:
+            for n in (2, 32):  # the compiled step's least bucket is two rows
+                kernels(step, name, n, 512)
     del plain
 
     first_tokens(engine, texts)

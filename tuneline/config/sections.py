@@ -139,7 +139,8 @@ class Train(Section):
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto: on a GPU, not QLoRA")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile's mode when compiled; reduce-overhead: the forward and backward as "
-        "CUDA graphs, one per step size (pair it with pad_to_multiple)")
+        "CUDA graphs, one per step size (pair it with pad_to_multiple; an H100, 1B packed, 8 examples a step: "
+        "2.4x slower at its steady state than default)")
     compile_regions: bool = Field(False, description="when compiled: one decoder layer compiles and the others "
                                   "reuse it, with dynamic shapes from the first step for packed rows (an H100: 2.4x "
                                   "less compile time, 9% slower steps); false: the whole model as one graph")

@@ -102,7 +102,7 @@ class TunelineTrainer(Trainer):
         return super()._prepare_inputs(inputs)
 
     def _track_num_input_tokens(self, inputs):
-        # A packed row has no attention mask, so Trainer counts its padding (train.pad_to_multiple) as tokens.
+        # A packed row is counted whole (trainer.py), its padding (train.pad_to_multiple) included.
         super()._track_num_input_tokens(inputs)
         if self.padding and self.args.include_num_input_tokens_seen != "no":
             padding = torch.tensor(self.padding, device=self.args.device)

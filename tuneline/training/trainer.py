@@ -169,6 +169,7 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
                                 "default on a GPU when the model is not compiled)")
     if packed(params):
         model.config.use_cache = False  # the packed rows' mask comes from position ids, with no KV cache
+        args.include_num_input_tokens_seen = "all"  # no mask to count by; pad_to_multiple's: supervision.py
         collator = packed_collator(params.train.pad_to_multiple, tokenizer)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
