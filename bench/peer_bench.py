@@ -8,8 +8,9 @@ each reasonable configuration: eager or compiled, padding-free or padded; packed
 attention kernel Tuneline uses (flex attention), padded ones SDPA. The best peer run is the one
 to beat.
 
-    python bench/peer_bench.py --shape llama-1b --data variable --bs 8 --warmup 6 --steps 30
-    python bench/peer_bench.py --shape llama-8b --data fixed --bs 4 --ckpt --skip-ckpt-layers 5
+    python bench/peer_bench.py --shape llama-1b --data variable --bs 8 --steps 30 --rehearse
+    python bench/peer_bench.py --shape llama-8b --data fixed --bs 4 --ckpt --skip-ckpt-layers 5 --steps 10 --rehearse \
+        --peers trl-liger-eager-padded,trl-liger-compiled-padded
     python bench/peer_bench.py ... --batch-tokens 16384   # Tuneline with train.batch_tokens
     python bench/peer_bench.py ... --ours tuneline,tuneline-regions   # also train.compile_regions
     python bench/peer_bench.py ... --ours tuneline,tuneline-graphs --rehearse
