@@ -153,15 +153,15 @@ def main() -> None:
         rows = timed + timed
     else:
         rows = tb.make_data(args.data, (args.warmup + args.steps + 2) * max(args.bs, args.peer_bs), args.seq, vocab)
-    results, multiple = {}, args.pad_to_multiple
+    results = {}
     for run in [*ours, *filter(None, args.peers.split(","))]:
         try:
             if run in ours:
                 graphs = run == "tuneline-graphs"
-                args.compile_mode = "reduce-overhead" if graphs else "default"
-                args.pad_to_multiple = multiple if graphs else 0
-                args.regions = run == "tuneline-regions"
-                r = tb.tuneline(args, rows, args.data)
+                settings = {"compile_mode": "reduce-overhead" if graphs else "default",
+                            "pad_to_multiple": args.pad_to_multiple if graphs else 0,
+                            "regions": run == "tuneline-regions"}
+                r = tb.tuneline(argparse.Namespace(**(vars(args) | settings)), rows, args.data)
             else:
                 r = peer(args, rows, args.data, *PEER_RUNS[run])
         except Exception as e:  # one configuration failing (OOM, a kernel that won't compile) must not hide the rest
