@@ -12,6 +12,7 @@ string waits).
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -115,6 +116,11 @@ class Engine:
                                graphs=graphs, compile=compile,
                                compile_prefill=compile if compile_prefill is None else compile_prefill)
         self.decoder.warm_up()
+        # What exists now (libraries, model, compiled code) lives as long as the engine. Left to the collector,
+        # each full collection would scan it all, stalling every running request: 450,000 objects and 0.19 s a
+        # collection on a CPU, 1.1 million and 0.65 s compiled (bench/gc_pause.py). Frozen, it is never scanned.
+        gc.collect()
+        gc.freeze()
 
     def info(self) -> dict:
         return {**self.source, "model_dir": str(self.model_dir), "device": str(self.device), "dtype": self.dtype,
@@ -193,3 +199,4 @@ class Engine:
 
     def close(self) -> None:
         self.decoder.close()
+        gc.unfreeze()  # what this engine held may be collected again (a process that builds another one)
