@@ -4,21 +4,23 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - the cost of the CUDA calls a step makes on this host: a tiny kernel launch, an event record and
   synchronize, a pinned host-to-device copy;
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
-  captures (unless --no-compile), of the plain step, and the plain step without a graph;
+  captures (unless --no-compile), of the plain step, with --frozen of the compiled step with Inductor's
+  freezing (query/key/value and gate/up fused into one product each), and the plain step without a graph;
 - the device time of one decode step by kernel (no graph, so that each kernel is seen), of the compiled
   step and of the plain one, at two rows and at 32: where the time goes that a graph does not remove
   (matrix-vector products, attention, small kernels);
 - one request at a time, one token each, over prompts of different lengths: the time to first token;
 - the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
-  each part of the decoder loop, at pipeline depth 1 and 2.
+  each part of the decoder loop (and in the garbage collector, gc0-gc2 by generation), at pipeline depth 1 and 2.
 
-    python bench/decode_profile.py [--no-compile]
+    python bench/decode_profile.py [--no-compile] [--frozen]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import sys
 import tempfile
 import time
@@ -71,8 +73,21 @@ def timed(acc: collections.Counter, name: str, owner=decoding.Decoder) -> None:
     setattr(owner, name, g)
 
 
-def step_times(d, plain: DecodeGraphs | None) -> None:
-    graphs = [("compiled", d.graphs), ("plain", plain)] if plain is not None else [("plain", d.graphs)]
+def gc_timer(acc: collections.Counter) -> None:
+    """Time the garbage collector's pauses into `acc` (gc0, gc1, gc2: by generation)."""
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            acc[f"gc{info['generation']}"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+
+
+def step_times(d, others: list[tuple[str, DecodeGraphs]]) -> None:
+    graphs = [("compiled" if others else "plain", d.graphs), *others]
     for n, length in [(1, 512), (8, 512), (32, 512), (128, 512)]:
         replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g in graphs}
         eager = per_call_us(lambda n=n, length=length: d.forward.pick(n, length), 20)
@@ -120,6 +135,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="plain decode step only (saves the minutes of compiling a 1B model)")
+    parser.add_argument("--frozen", action="store_true",
+                        help="also the compiled step with Inductor's freezing (fused projections), side by side")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="decode-profile-"))
@@ -131,20 +148,29 @@ def main() -> None:
     d = engine.decoder
     print(f"engine ready in {time.perf_counter() - start:.1f} s (compile and capture), graphs on: {d.graphs_on}, "
           f"compiled: {d.graphs.fallback is not None}", flush=True)
-    plain = DecodeGraphs(d.forward.pick, d.slots, d.length) if args.compile else None
+    others = [("plain", DecodeGraphs(d.forward.pick, d.slots, d.length))] if args.compile else []
     with torch.inference_mode():
-        step_times(d, plain)
-        steps = [("compiled", d.graphs.step)] if plain is not None else []
+        if args.frozen:
+            start = time.perf_counter()
+            frozen = DecodeGraphs(d.forward.pick, d.slots, d.length, compile=True, freeze=True)
+            frozen.capture_all()
+            print(f"frozen step compiled and captured in {time.perf_counter() - start:.1f} s, "
+                  f"compiled: {frozen.fallback is not None}", flush=True)
+            others.append(("frozen", frozen))
+        step_times(d, others)
+        steps = [("compiled", d.graphs.step)] if args.compile else []
+        steps += [("frozen", frozen.step)] if args.frozen else []
         for name, step in [*steps, ("plain", d.forward.pick)]:
             for n in (2, 32):  # the compiled step's least bucket is two rows
                 kernels(step, name, n, 512)
-    del plain
+    del others
 
     first_tokens(engine, texts)
     acc: collections.Counter = collections.Counter()
     for name in ["_finish", "_decode", "_record", "_prefill", "_admit"]:
         timed(acc, name)
     timed(acc, "sample", forward.Forward)
+    gc_timer(acc)
     for depth in (1, 2):
         d.depth = depth
         for c in (1, 32):

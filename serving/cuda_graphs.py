@@ -28,17 +28,32 @@ def _bucket(n: int, sizes: list[int]) -> int:
     return next(s for s in sizes if s >= n)
 
 
+def _compiled(step: Callable[[int, int], Outputs], freeze: bool) -> Callable[[int, int], Outputs]:
+    compiled = torch.compile(step, dynamic=True)
+    if not freeze:
+        return compiled
+
+    def frozen(n: int, length: int) -> Outputs:
+        # Dynamo reads the freezing flag while it traces (to make the weights graph constants), not only Inductor.
+        with torch._inductor.config.patch(freezing=True, **{"cpp.enable_concat_linear": True}):
+            return compiled(n, length)
+
+    return frozen
+
+
 class DecodeGraphs:
     """`step(n, length)` (a decode forward over rows 0..n-1 whose inputs live in fixed device buffers, returning
     its output tensors) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly.
     `capture=False` (CPU): steps are bucketed the same way and run without graphs (what the tests check).
     `compile`: run `step` through torch.compile (dynamic shapes: one compilation serves the buckets), and fall
-    back to the plain `step` if the compiled one fails."""
+    back to the plain `step` if the compiled one fails. `freeze` (compiled): Inductor's freezing, which folds the
+    weights in as constants and concatenates the projections that share an input (query, key and value; gate
+    and up) into one matrix product each: fewer, larger kernels, for a copy of those weights in memory."""
 
     def __init__(self, step: Callable[[int, int], Outputs], slots: int, length: int, capture: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, freeze: bool = False):
         self.capture = capture
-        self.step, self.fallback = (torch.compile(step, dynamic=True), step) if compile else (step, None)
+        self.step, self.fallback = (_compiled(step, freeze), step) if compile else (step, None)
         # torch.compile specializes a dimension of size 1 (it broadcasts), so one row would be a compilation of
         # its own; a step of two rows costs about what one does (the weights are read once either way).
         least = 2 if compile and slots > 1 else 1

@@ -293,6 +293,37 @@ def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_mo
     assert (prefill is not None and prefill.compiled is not None) == compile  # never fell back to eager
 
 
+def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plain_steps_tokens(sharp_model_dir):
+    # DecodeGraphs(freeze=True) (bench/decode_profile.py --frozen): Inductor's freezing makes the weights constants
+    # and concatenates the products that share an input, query/key/value and gate/up: 4 matrix products a layer
+    # where the plain compiled step has 7. A flag Dynamo did not see while tracing would leave the weights as
+    # inputs, and nothing fused (what happened when only Inductor was told).
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    from transformers import AutoModelForCausalLM
+
+    from serving.cuda_graphs import DecodeGraphs
+    from serving.forward import Forward
+
+    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
+    forward = Forward(model, slots=4, length=64, pad_id=0, eos_ids=[model.config.eos_token_id])
+    with torch.inference_mode():
+        forward.prefill(torch.randint(3, 100, (4, 10), generator=torch.Generator().manual_seed(0)), [10, 8, 6, 9],
+                        [0, 1, 2, 3], [True] * 4, [None] * 4)
+        forward.positions[:] = torch.tensor([10, 8, 6, 9])
+        inputs = forward.next_ids.clone()
+        logits, tokens = (t.clone() for t in forward.pick(4, 64))
+        frozen = DecodeGraphs(forward.pick, 4, 64, capture=False, compile=True, freeze=True)
+        forward.next_ids.copy_(inputs)
+        with torch._inductor.config.patch({"cpp.weight_prepack": False}):  # products show as mm (not mkl) calls
+            (frozen_logits, frozen_tokens), code = run_and_get_code(frozen.step, 4, 64)
+    layers = model.config.num_hidden_layers
+    assert len(re.findall(r"extern_kernels\.mm\(", "\n".join(code))) == 4 * layers + 1  # + the output head
+    assert torch.equal(frozen_tokens, tokens) and torch.allclose(frozen_logits, logits, atol=1e-4)
+    assert frozen.fallback is not None  # it ran compiled, not the plain step after a failure
+
+
 def test_nan_logits_end_greedy_and_sampled_rows_with_a_model_error(sharp_model_dir, tmp_path):
     # Broken weights are the server's fault, not the request's: NaN logits end each row with a ModelError (a 5xx
     # in the API), however the row picks its tokens.
