@@ -7,7 +7,8 @@ reports output tokens/s, time to first token and request latency (p50, p95) for
 
 - tuneline: serving/generation.py's Engine, in-process (what a model replica runs), with
   max_batch_size = the highest level; with --compile, once per variant (rows say which: `compile` off,
-  decode (serving.compile_decode's step only) or all (step and prefill, as compile_decode runs));
+  decode (serving.compile_decode's step only), all (step and prefill, as compile_decode runs) or frozen
+  (all, the step with Inductor's freezing: fused projections, serving/cuda_graphs.py));
 - tuneline-served (optional): the same engine behind the Ray Serve app, streamed over HTTP through the
   `openai` client, as a user sees it;
 - baseline: the engine before it, rebuilt here: `model.generate` over a left-padded batch of the requests
@@ -168,7 +169,8 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
     budget = budgets(len(texts), args)
     start = time.perf_counter()
     engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
-                    max_batch_size=max(levels), compile=variant != "off", compile_prefill=variant == "all")
+                    max_batch_size=max(levels), compile=variant != "off", compile_prefill=variant in ("all", "frozen"),
+                    freeze=variant == "frozen")
     ready = time.perf_counter() - start  # loading, compiling and capturing
     print(f"tuneline (compile {variant}) ready in {ready:.1f} s", flush=True)
 
@@ -379,8 +381,8 @@ def main() -> None:
                         help="of tuneline, tuneline-served (through Ray Serve and HTTP), baseline, transformers-cb")
     parser.add_argument("--compile", default="off",
                         help="tuneline's variants, run one after the other: of off, decode (the decode step "
-                             "torch.compile'd), all (and the prefill: serving.compile_decode); GPU: minutes "
-                             "at each compiled engine's start")
+                             "torch.compile'd), all (and the prefill: serving.compile_decode), frozen (all, "
+                             "the step frozen: fused projections); GPU: minutes at each compiled engine's start")
     parser.add_argument("--check-graphs", action="store_true",
                         help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")
     parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")
@@ -396,8 +398,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
     args.compile = args.compile.split(",")
-    if set(args.compile) - {"off", "decode", "all"}:
-        parser.error(f"--compile: {args.compile}: each of off, decode, all")
+    if set(args.compile) - {"off", "decode", "all", "frozen"}:
+        parser.error(f"--compile: {args.compile}: each of off, decode, all, frozen")
     engines = args.engines.split(",")
     out = args.out or RESULTS / ("serve_h200.jsonl" if gpu else "serve_cpu.jsonl")
 

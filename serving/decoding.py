@@ -39,17 +39,20 @@ class Decoder:
     """The batch loop over one model; `submit` from any thread. `graphs` (default: on a GPU): decode steps in
     CUDA graphs, when no adapter is in use. `compile`: the graphs' step is torch.compile'd (dynamic shapes:
     one compilation serves every bucket; on a GPU minutes at start, serving.compile_decode);
-    `compile_prefill`: the prefill too (serving/forward.py)."""
+    `compile_prefill`: the prefill too (serving/forward.py). `freeze`: the compiled step with Inductor's freezing
+    (fused projections, serving/cuda_graphs.py; measured by bench/serve_bench.py --compile frozen)."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
-                 graphs: bool | None = None, compile: bool = False, compile_prefill: bool = False):
+                 graphs: bool | None = None, compile: bool = False, compile_prefill: bool = False,
+                 freeze: bool = False):
         self.eos_ids, self.pad_id = sorted(eos_ids), pad_id
         self.forward = Forward(model, slots, length, pad_id, self.eos_ids, compile=compile_prefill)
         self.device = self.forward.device
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"
         use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)
-        self.graphs = DecodeGraphs(self.forward.pick, slots, length, capture=self.cuda, compile=compile) \
+        self.graphs = DecodeGraphs(self.forward.pick, slots, length, capture=self.cuda, compile=compile,
+                                   freeze=freeze) \
             if use else None
         self.host_positions = [torch.zeros(slots, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self.host_tokens: list[torch.Tensor] = []  # free host buffers for a step's tokens (pinned on a GPU)
