@@ -184,10 +184,13 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
         return await closed_loop(one, c, total)
 
     asyncio.run(level(min(8, max(levels)), 8))  # warm-up
+    d = engine.decoder
     for c in levels:
+        steps, prefills = d.steps, d.prefills
         tokens, wall, ttfts, latencies = asyncio.run(level(c, max(args.requests, 2 * c)))
-        graphs, prefill = engine.decoder.graphs, engine.decoder.forward.compiled_prefill
-        keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=engine.decoder.graphs_on,
+        graphs, prefill = d.graphs, d.forward.compiled_prefill
+        keep(row("tuneline", c, tokens, wall, ttfts, latencies, cuda_graphs=d.graphs_on,
+                 decode_steps=d.steps - steps, prefill_forwards=d.prefills - prefills,  # how requests were batched
                  compile=variant, start_s=round(ready, 1),  # what ran compiled (a failed compile falls back):
                  compiled_step=graphs is not None and graphs.fallback is not None,
                  compiled_prefill=prefill is not None and prefill.compiled is not None))

@@ -66,7 +66,7 @@ class Decoder:
         self.activate: Callable[[str | None], None] | None = None
         self.cv = threading.Condition()
         self.closed = False
-        self.steps = 0
+        self.steps = self.prefills = 0  # decode steps and prefill forwards run so far
         self.thread = threading.Thread(target=self._loop, name="decoder", daemon=True)
         self.thread.start()
 
@@ -171,6 +171,7 @@ class Decoder:
             jobs = [j for _, j in group]
             tokens = self.forward.prefill(ids, [len(j.ids) for j in jobs], [s for s, _ in group],
                                           [j.ignore_eos for j in jobs], jobs)
+            self.prefills += 1
             self._record(tokens, [(i, s, j) for i, (s, j) in enumerate(group)])
 
     def _decode(self) -> None:
