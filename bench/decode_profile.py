@@ -86,8 +86,17 @@ def gc_timer(acc: collections.Counter) -> None:
     gc.callbacks.append(callback)
 
 
-def step_times(d, others: list[tuple[str, DecodeGraphs]]) -> None:
-    graphs = [("compiled" if others else "plain", d.graphs), *others]
+def frozen_graphs(d) -> DecodeGraphs:
+    """The engine's decode step compiled with Inductor's freezing, captured for every bucket."""
+    start = time.perf_counter()
+    frozen = DecodeGraphs(d.forward.pick, d.slots, d.length, compile=True, freeze=True)
+    frozen.capture_all()
+    print(f"frozen step compiled and captured in {time.perf_counter() - start:.1f} s, "
+          f"compiled: {frozen.fallback is not None}", flush=True)
+    return frozen
+
+
+def step_times(d, graphs: list[tuple[str, DecodeGraphs]]) -> None:
     for n, length in [(1, 512), (8, 512), (32, 512), (128, 512)]:
         replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g in graphs}
         eager = per_call_us(lambda n=n, length=length: d.forward.pick(n, length), 20)
@@ -148,22 +157,16 @@ def main() -> None:
     d = engine.decoder
     print(f"engine ready in {time.perf_counter() - start:.1f} s (compile and capture), graphs on: {d.graphs_on}, "
           f"compiled: {d.graphs.fallback is not None}", flush=True)
-    others = [("plain", DecodeGraphs(d.forward.pick, d.slots, d.length))] if args.compile else []
+    graphs = [("compiled", d.graphs), ("plain", DecodeGraphs(d.forward.pick, d.slots, d.length))] if args.compile \
+        else [("plain", d.graphs)]
     with torch.inference_mode():
         if args.frozen:
-            start = time.perf_counter()
-            frozen = DecodeGraphs(d.forward.pick, d.slots, d.length, compile=True, freeze=True)
-            frozen.capture_all()
-            print(f"frozen step compiled and captured in {time.perf_counter() - start:.1f} s, "
-                  f"compiled: {frozen.fallback is not None}", flush=True)
-            others.append(("frozen", frozen))
-        step_times(d, others)
-        steps = [("compiled", d.graphs.step)] if args.compile else []
-        steps += [("frozen", frozen.step)] if args.frozen else []
-        for name, step in [*steps, ("plain", d.forward.pick)]:
+            graphs.append(("frozen", frozen_graphs(d)))
+        step_times(d, graphs)
+        for name, g in graphs:  # the plain graphs' step is forward.pick itself
             for n in (2, 32):  # the compiled step's least bucket is two rows
-                kernels(step, name, n, 512)
-    del others
+                kernels(g.step, name, n, 512)
+    del graphs  # the extra graphs' memory, before the engine runs
 
     first_tokens(engine, texts)
     acc: collections.Counter = collections.Counter()
