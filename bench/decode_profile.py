@@ -5,7 +5,8 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
   synchronize, a pinned host-to-device copy;
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
   captures (unless --no-compile), of the plain step, with --frozen of the compiled step with Inductor's
-  freezing (query/key/value and gate/up fused into one product each), and the plain step without a graph;
+  freezing (query/key/value and gate/up fused into one product each), with --flex of the compiled step attending
+  through FlexAttention (serving/kv_cache.py), and the plain step without a graph;
 - the device time of one decode step by kernel (no graph, so that each kernel is seen), of the compiled
   step and of the plain one, at two rows and at 32: where the time goes that a graph does not remove
   (matrix-vector products, attention, small kernels);
@@ -13,7 +14,7 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
   each part of the decoder loop (and in the garbage collector, gc0-gc2 by generation), at pipeline depth 1 and 2.
 
-    python bench/decode_profile.py [--no-compile] [--frozen]
+    python bench/decode_profile.py [--no-compile] [--frozen] [--flex]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import serve_bench as sb  # noqa: E402 - the same model and prompts
 
-from serving import decoding, forward  # noqa: E402
+from serving import decoding, forward, kv_cache  # noqa: E402
 from serving.cuda_graphs import DecodeGraphs  # noqa: E402
 
 
@@ -86,14 +87,26 @@ def gc_timer(acc: collections.Counter) -> None:
     gc.callbacks.append(callback)
 
 
-def frozen_graphs(d) -> DecodeGraphs:
-    """The engine's decode step compiled with Inductor's freezing, captured for every bucket."""
+def candidate(d, name: str, freeze: bool = False, attention: str | None = None) -> DecodeGraphs:
+    """The engine's decode step compiled anew: with Inductor's freezing, or traced with another attention function.
+    Its graphs are captured as the buckets are first timed."""
+    graphs = DecodeGraphs(d.forward.pick, d.slots, d.length, compile=True, freeze=freeze)
+    if attention is not None:
+        model, step = d.forward.model, graphs.step
+
+        def attended(n: int, length: int):
+            model.set_attn_implementation(attention)  # read while tracing: the engine's own step is left as it is
+            try:
+                return step(n, length)
+            finally:
+                model.set_attn_implementation(kv_cache.ATTENTION)
+
+        graphs.step = attended
     start = time.perf_counter()
-    frozen = DecodeGraphs(d.forward.pick, d.slots, d.length, compile=True, freeze=True)
-    frozen.capture_all()
-    print(f"frozen step compiled and captured in {time.perf_counter() - start:.1f} s, "
-          f"compiled: {frozen.fallback is not None}", flush=True)
-    return frozen
+    graphs.get(*graphs.bucket(1, 512))
+    print(f"{name} step compiled and captured in {time.perf_counter() - start:.1f} s, "
+          f"compiled: {graphs.fallback is not None}", flush=True)
+    return graphs
 
 
 def step_times(d, graphs: list[tuple[str, DecodeGraphs]]) -> None:
@@ -146,6 +159,8 @@ def main() -> None:
                         help="plain decode step only (saves the minutes of compiling a 1B model)")
     parser.add_argument("--frozen", action="store_true",
                         help="also the compiled step with Inductor's freezing (fused projections), side by side")
+    parser.add_argument("--flex", action="store_true",
+                        help="also the compiled step with its attention through FlexAttention's decoding kernel")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="decode-profile-"))
@@ -161,7 +176,9 @@ def main() -> None:
         else [("plain", d.graphs)]
     with torch.inference_mode():
         if args.frozen:
-            graphs.append(("frozen", frozen_graphs(d)))
+            graphs.append(("frozen", candidate(d, "frozen", freeze=True)))
+        if args.flex:
+            graphs.append(("flex", candidate(d, "flex", attention=kv_cache.FLEX_ATTENTION)))
         step_times(d, graphs)
         for name, g in graphs:  # the plain graphs' step is forward.pick itself
             for n in (2, 32):  # the compiled step's least bucket is two rows
