@@ -7,8 +7,9 @@ reports output tokens/s, time to first token and request latency (p50, p95) for
 
 - tuneline: serving/generation.py's Engine, in-process (what a model replica runs), with
   max_batch_size = the highest level; with --compile, once per variant (rows say which: `compile` off,
-  decode (serving.compile_decode's step only), all (step and prefill, as compile_decode runs) or frozen
-  (all, the step with Inductor's freezing: fused projections, serving/cuda_graphs.py));
+  decode (serving.compile_decode's step only), all (step and prefill, as compile_decode runs), frozen
+  (all, the step with Inductor's freezing: fused projections, serving/cuda_graphs.py), flex (all, the step
+  attending through FlexAttention, serving/kv_cache.py) or frozen-flex (both));
 - tuneline-served (optional): the same engine behind the Ray Serve app, streamed over HTTP through the
   `openai` client, as a user sees it;
 - baseline: the engine before it, rebuilt here: `model.generate` over a left-padded batch of the requests
@@ -49,6 +50,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_ALL = {"compile": True, "compile_prefill": True}
+VARIANTS = {"off": {}, "decode": {"compile": True, "compile_prefill": False}, "all": _ALL,  # Engine's arguments
+            "frozen": {**_ALL, "freeze": True}, "flex": {**_ALL, "attention": "tuneline_slots_flex"},
+            "frozen-flex": {**_ALL, "freeze": True, "attention": "tuneline_slots_flex"}}
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
 SEED = 1234
@@ -169,8 +174,7 @@ def run_tuneline(model_dir: Path, texts: list[str], levels: list[int], args, kee
     budget = budgets(len(texts), args)
     start = time.perf_counter()
     engine = Engine(str(model_dir), "alpaca", args.max_tokens, args.max_prompt_tokens, threads=args.threads,
-                    max_batch_size=max(levels), compile=variant != "off", compile_prefill=variant in ("all", "frozen"),
-                    freeze=variant == "frozen")
+                    max_batch_size=max(levels), **VARIANTS[variant])
     ready = time.perf_counter() - start  # loading, compiling and capturing
     print(f"tuneline (compile {variant}) ready in {ready:.1f} s", flush=True)
 
@@ -385,7 +389,8 @@ def main() -> None:
     parser.add_argument("--compile", default="off",
                         help="tuneline's variants, run one after the other: of off, decode (the decode step "
                              "torch.compile'd), all (and the prefill: serving.compile_decode), frozen (all, "
-                             "the step frozen: fused projections); GPU: minutes at each compiled engine's start")
+                             "the step frozen: fused projections), flex (all, the step attending through "
+                             "FlexAttention), frozen-flex (both); GPU: minutes at each compiled engine's start")
     parser.add_argument("--check-graphs", action="store_true",
                         help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")
     parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")
@@ -401,8 +406,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.levels.split(",")]
     args.compile = args.compile.split(",")
-    if set(args.compile) - {"off", "decode", "all", "frozen"}:
-        parser.error(f"--compile: {args.compile}: each of off, decode, all, frozen")
+    if set(args.compile) - set(VARIANTS):
+        parser.error(f"--compile: {args.compile}: each of {', '.join(VARIANTS)}")
     engines = args.engines.split(",")
     out = args.out or RESULTS / ("serve_h200.jsonl" if gpu else "serve_cpu.jsonl")
 
