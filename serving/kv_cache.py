@@ -26,11 +26,15 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface
 
 ATTENTION = "tuneline_slots"
 FLEX_ATTENTION = "tuneline_slots_flex"
+# Not cuDNN's attention for a prefill: it builds a plan for each new shape, and prompts come in every length (on an
+# H200, one-token requests took 61 ms at p50 and 12 ms once a length recurred: bench/results/decode_profile_h200.txt).
+PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SlotCache:
@@ -82,8 +86,9 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     batch, heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     if q_len > 1:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                             enable_gqa=kv_heads != heads)
+        with sdpa_kernel(PREFILL_BACKENDS):
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                                 enable_gqa=kv_heads != heads)
         return out.transpose(1, 2).contiguous(), None
     group = heads // kv_heads  # the query heads of one key head become that head's "query length"
     out = F.scaled_dot_product_attention(query.view(batch, kv_heads, group, dim), key, value,
