@@ -88,10 +88,20 @@ def gc_timer(acc: collections.Counter) -> None:
     gc.callbacks.append(callback)
 
 
+def own_code(d):
+    """The engine's decode step under a code object of its own: torch.compile'd, forward.pick itself would find the
+    engine's compiled code in Dynamo's cache and reuse it where its guards pass (freezing is no guard)."""
+
+    def pick(n: int, length: int):
+        return d.forward.pick(n, length)
+
+    return pick
+
+
 def candidate(d, name: str, freeze: bool = False, attention: str | None = None) -> DecodeGraphs:
     """The engine's decode step compiled anew: with Inductor's freezing, or traced with another attention function.
     Its graphs are captured as the buckets are first timed."""
-    graphs = DecodeGraphs(d.forward.pick, d.slots, d.length, compile=True, freeze=freeze)
+    graphs = DecodeGraphs(own_code(d), d.slots, d.length, compile=True, freeze=freeze)
     if attention is not None:
         model, step = d.forward.model, graphs.step
 
@@ -114,7 +124,7 @@ def static_candidate(d) -> DecodeGraphs:
     """The decode step compiled for one row over 512 positions alone: static shapes, so that Inductor may turn
     the one-row products into reductions it fuses and tunes (coordinate descent), as gpt-fast does; the
     engine's step is compiled once for every bucket (dynamic shapes), which rules that out."""
-    step = torch.compile(d.forward.pick, dynamic=False)
+    step = torch.compile(own_code(d), dynamic=False)
 
     def tuned(n: int, length: int):
         with torch._inductor.config.patch(coordinate_descent_tuning=True):
