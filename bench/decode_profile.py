@@ -6,8 +6,8 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
   captures (unless --no-compile), of the plain step, with --frozen of the compiled step with Inductor's
   freezing (query/key/value and gate/up fused into one product each), with --flex of the compiled step attending
-  through FlexAttention (serving/kv_cache.py), with --static of a step compiled for one row alone, and the
-  plain step without a graph;
+  through FlexAttention (serving/kv_cache.py), with --one-row of the compiled step whose one-row steps are
+  compiled for one row alone (serving/cuda_graphs.py), and the plain step without a graph;
 - the device time of one decode step by kernel (no graph, so that each kernel is seen), of the compiled
   step and of the plain one, at two rows and at 32: where the time goes that a graph does not remove
   (matrix-vector products, attention, small kernels);
@@ -15,7 +15,7 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
   each part of the decoder loop (and in the garbage collector, gc0-gc2 by generation), at pipeline depth 1 and 2.
 
-    python bench/decode_profile.py [--no-compile] [--frozen] [--flex] [--static]
+    python bench/decode_profile.py [--no-compile] [--frozen] [--flex] [--one-row]
 """
 
 from __future__ import annotations
@@ -98,10 +98,11 @@ def own_code(d):
     return pick
 
 
-def candidate(d, name: str, freeze: bool = False, attention: str | None = None) -> DecodeGraphs:
-    """The engine's decode step compiled anew: with Inductor's freezing, or traced with another attention function.
-    Its graphs are captured as the buckets are first timed."""
-    graphs = DecodeGraphs(own_code(d), d.slots, d.length, compile=True, freeze=freeze)
+def candidate(d, name: str, freeze: bool = False, attention: str | None = None, one_row: bool = False
+              ) -> DecodeGraphs:
+    """The engine's decode step compiled anew: with Inductor's freezing, traced with another attention function,
+    or with a step of one row compiled for one row alone. Its graphs are captured as the buckets are first timed."""
+    graphs = DecodeGraphs(own_code(d), d.slots, d.length, compile=True, freeze=freeze, one_row=one_row)
     if attention is not None:
         model, step = d.forward.model, graphs.step
 
@@ -120,27 +121,9 @@ def candidate(d, name: str, freeze: bool = False, attention: str | None = None) 
     return graphs
 
 
-def static_candidate(d) -> DecodeGraphs:
-    """The decode step compiled for one row over 512 positions alone: static shapes, so that Inductor may turn
-    the one-row products into reductions it fuses and tunes (coordinate descent), as gpt-fast does; the
-    engine's step is compiled once for every bucket (dynamic shapes), which rules that out."""
-    step = torch.compile(own_code(d), dynamic=False)
-
-    def tuned(n: int, length: int):
-        with torch._inductor.config.patch(coordinate_descent_tuning=True):
-            return step(n, length)
-
-    graphs = DecodeGraphs(tuned, d.slots, d.length)
-    start = time.perf_counter()
-    graphs.get(1, 512)
-    print(f"static step compiled and captured in {time.perf_counter() - start:.1f} s", flush=True)
-    return graphs
-
-
 def step_times(d, graphs: list[tuple[str, DecodeGraphs, tuple[int, ...]]]) -> None:
     for n, length in [(1, 512), (8, 512), (32, 512), (128, 512)]:
-        replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g, rows in graphs
-                  if name != "static" or n == 1}
+        replay = {name: per_call_us(g.get(n, length)[0].replay, 200) for name, g, _ in graphs}
         eager = per_call_us(lambda n=n, length=length: d.forward.pick(n, length), 20)
         print(f"rows {n:>3} length {length}: graph of the " + ", of the ".join(
             f"{name} step {us:8.1f} us" for name, us in replay.items()) + f", no graph {eager:8.1f} us", flush=True)
@@ -188,8 +171,8 @@ def main() -> None:
                         help="plain decode step only (saves the minutes of compiling a 1B model)")
     parser.add_argument("--frozen", action="store_true",
                         help="also the compiled step with Inductor's freezing (fused projections), side by side")
-    parser.add_argument("--static", action="store_true",
-                        help="also the step compiled for one row alone (static shapes, coordinate-descent tuned)")
+    parser.add_argument("--one-row", action="store_true",
+                        help="also the step with one row compiled for one row alone (serving/cuda_graphs.py)")
     parser.add_argument("--flex", action="store_true",
                         help="also the compiled step with its attention through FlexAttention's decoding kernel")
     args = parser.parse_args()
@@ -211,12 +194,12 @@ def main() -> None:
             graphs.append(("frozen", candidate(d, "frozen", freeze=True), (2, 32)))
         if args.flex:
             graphs.append(("flex", candidate(d, "flex", attention=kv_cache.FLEX_ATTENTION), (2, 32)))
-        if args.static:
-            graphs.append(("static", static_candidate(d), (1,)))
+        if args.one_row:
+            graphs.append(("one-row", candidate(d, "one-row", one_row=True), (1, 2)))
         step_times(d, graphs)
         for name, g, rows in graphs:  # the plain graphs' step is forward.pick itself
             for n in rows:
-                kernels(g.step, name, n, 512)
+                kernels(g.run, name, n, 512)
     del graphs  # the extra graphs' memory, before the engine runs
 
     first_tokens(engine, texts)

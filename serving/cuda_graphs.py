@@ -42,6 +42,22 @@ def _compiled(step: Callable[[int, int], Outputs], freeze: bool) -> Callable[[in
     return frozen
 
 
+def _one_row(step: Callable[[int, int], Outputs]) -> Callable[[int, int], Outputs]:
+    # Compiled for one row, a product of one row by a weight is a reduction Inductor generates and fuses with its
+    # neighbours (a norm, the activation) where a dynamic row count leaves it to cuBLAS; coordinate-descent tuning
+    # then sizes those reductions. The lengths become dynamic at the second one seen: two compilations in all.
+    def alone(n: int, length: int) -> Outputs:  # its own code object: Dynamo's cache is kept by code object
+        return step(n, length)
+
+    compiled = torch.compile(alone)
+
+    def one(n: int, length: int) -> Outputs:
+        with torch._inductor.config.patch(coordinate_descent_tuning=True):
+            return compiled(n, length)
+
+    return one
+
+
 class DecodeGraphs:
     """`step(n, length)` (a decode forward over rows 0..n-1 whose inputs live in fixed device buffers, returning
     its output tensors) captured per bucket. `on` turns False if the model cannot be captured: then steps run eagerly.
@@ -49,15 +65,18 @@ class DecodeGraphs:
     `compile`: run `step` through torch.compile (dynamic shapes: one compilation serves the buckets), and fall
     back to the plain `step` if the compiled one fails. `freeze` (compiled): Inductor's freezing, which folds the
     weights in as constants and concatenates the projections that share an input (query, key and value; gate
-    and up) into one matrix product each: fewer, larger kernels, for a copy of those weights in memory."""
+    and up) into one matrix product each: fewer, larger kernels, for a copy of those weights in memory.
+    `one_row` (compiled): steps of one row run a step compiled for one row alone (`_one_row`; on an H200 its
+    graph took 1.14 ms against 1.50 ms, bench/results/decode_profile_h200.txt), for two more compilations."""
 
     def __init__(self, step: Callable[[int, int], Outputs], slots: int, length: int, capture: bool = True,
-                 compile: bool = False, freeze: bool = False):
+                 compile: bool = False, freeze: bool = False, one_row: bool = False):
         self.capture = capture
         self.step, self.fallback = (_compiled(step, freeze), step) if compile else (step, None)
+        self.one = _one_row(step) if compile and one_row else None
         # torch.compile specializes a dimension of size 1 (it broadcasts), so one row would be a compilation of
         # its own; a step of two rows costs about what one does (the weights are read once either way).
-        least = 2 if compile and slots > 1 else 1
+        least = 2 if compile and slots > 1 and self.one is None else 1
         self.rows = [r for r in GRAPH_ROWS if least <= r < slots] + [slots]
         self.lengths = [n for n in (MIN_GRAPH_LENGTH << i for i in range(20)) if n < length] + [length]
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Outputs]] = {}
@@ -66,6 +85,10 @@ class DecodeGraphs:
 
     def bucket(self, rows: int, length: int) -> tuple[int, int]:
         return _bucket(rows, self.rows), _bucket(length, self.lengths)
+
+    def run(self, n: int, length: int) -> Outputs:
+        """One step of rows 0..n-1, without a graph."""
+        return (self.one if n == 1 and self.one is not None else self.step)(n, length)
 
     def capture_all(self) -> None:
         if not self.capture:
@@ -86,15 +109,15 @@ class DecodeGraphs:
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up runs (allocator, lazy inits) off the graph
                     for _ in range(2):
-                        self.step(n, length)
+                        self.run(n, length)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
-                    outputs = self.step(n, length)
+                    outputs = self.run(n, length)
             except Exception:
                 if self.fallback is not None:
                     log.exception("the compiled decode step failed: capturing the plain one")
-                    self.step, self.fallback = self.fallback, None
+                    self.step, self.fallback, self.one = self.fallback, None, None
                     self.graphs.clear()
                     return self.get(n, length)
                 log.exception("this model's decode step cannot be captured as a CUDA graph: decoding eagerly")

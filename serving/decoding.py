@@ -42,11 +42,12 @@ class Decoder:
     one compilation serves every bucket; on a GPU minutes at start, serving.compile_decode);
     `compile_prefill`: the prefill too (serving/forward.py). `freeze`: the compiled step with Inductor's freezing
     (fused projections, serving/cuda_graphs.py; measured by bench/serve_bench.py --compile frozen). `attention`:
-    the model's attention function (serving/kv_cache.py; FLEX_ATTENTION: measured by --compile flex)."""
+    the model's attention function (serving/kv_cache.py; FLEX_ATTENTION: measured by --compile flex). `one_row`:
+    a step of one row compiled for one row alone (serving/cuda_graphs.py; --compile one-row)."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
                  graphs: bool | None = None, compile: bool = False, compile_prefill: bool = False,
-                 freeze: bool = False, attention: str = ATTENTION):
+                 freeze: bool = False, attention: str = ATTENTION, one_row: bool = False):
         self.eos_ids, self.pad_id = sorted(eos_ids), pad_id
         self.forward = Forward(model, slots, length, pad_id, self.eos_ids, compile=compile_prefill,
                                attention=attention)
@@ -55,7 +56,7 @@ class Decoder:
         self.cuda = self.device.type == "cuda"
         use = self.cuda if graphs is None else graphs  # on a CPU, graphs=True only buckets the steps (tests)
         self.graphs = DecodeGraphs(self.forward.pick, slots, length, capture=self.cuda, compile=compile,
-                                   freeze=freeze) \
+                                   freeze=freeze, one_row=one_row) \
             if use else None
         self.host_positions = [torch.zeros(slots, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
         self.host_tokens: list[torch.Tensor] = []  # free host buffers for a step's tokens (pinned on a GPU)
@@ -197,7 +198,7 @@ class Decoder:
             graph.replay()
         elif len(adapters) == 1:
             self._use(next(iter(adapters)))
-            logits, tokens = (self.graphs.step if graphed else self.forward.pick)(n, length)
+            logits, tokens = (self.graphs.run if graphed else self.forward.pick)(n, length)
         else:  # rows of several adapters: one forward per adapter, over its own slots
             logits = None
             for adapter, group in by_adapter(rows):

@@ -324,6 +324,35 @@ def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plai
     assert frozen.fallback is not None  # it ran compiled, not the plain step after a failure
 
 
+def test_one_row_steps_run_a_step_compiled_for_one_row_that_gives_the_plain_steps_tokens(sharp_model_dir):
+    # DecodeGraphs(one_row=True): a step of one row runs its own compilation (static row count: on a GPU its
+    # products become fused reductions), two in all over any number of lengths; other rows run the shared one.
+    from transformers import AutoModelForCausalLM
+
+    from serving.cuda_graphs import DecodeGraphs
+    from serving.forward import Forward
+
+    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
+    forward = Forward(model, slots=4, length=512, pad_id=0, eos_ids=[model.config.eos_token_id])
+    graphs = DecodeGraphs(forward.pick, 4, 512, capture=False, compile=True, one_row=True)
+    assert graphs.rows == [1, 2, 4] and graphs.lengths == [128, 256, 512]
+    with torch.inference_mode():
+        forward.prefill(torch.randint(3, 100, (1, 10), generator=torch.Generator().manual_seed(0)), [10], [0],
+                        [True], [None])
+        forward.positions[:1] = 10
+        inputs = forward.next_ids.clone()
+        before = counters["stats"]["unique_graphs"]
+        for length in graphs.lengths:
+            forward.next_ids.copy_(inputs)
+            logits, tokens = (t.clone() for t in forward.pick(1, length))
+            forward.next_ids.copy_(inputs)
+            one_logits, one_tokens = graphs.run(1, length)
+            assert torch.equal(one_tokens, tokens) and torch.allclose(one_logits, logits, atol=1e-4)
+        assert counters["stats"]["unique_graphs"] - before == 2
+        graphs.run(2, 128)  # two rows: the shared compilation, a third
+    assert counters["stats"]["unique_graphs"] - before == 3 and graphs.one is not None
+
+
 def test_a_compiled_decode_step_attending_through_flex_attention_gives_the_plain_steps_tokens(sharp_model_dir):
     # FLEX_ATTENTION (bench/decode_profile.py --flex): the compiled step's attention through FlexAttention, masked
     # per row at its position. Rows at different positions: a mask read at the wrong row or key changes the logits.
