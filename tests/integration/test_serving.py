@@ -326,7 +326,7 @@ def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plai
 
 def test_one_row_steps_run_a_step_compiled_for_one_row_that_gives_the_plain_steps_tokens(sharp_model_dir):
     # DecodeGraphs(one_row=True): a step of one row runs its own compilation (static row count: on a GPU its
-    # products become fused reductions), two in all over any number of lengths; other rows run the shared one.
+    # products become fused reductions), two in all over any number of lengths.
     from transformers import AutoModelForCausalLM
 
     from serving.cuda_graphs import DecodeGraphs
@@ -349,8 +349,7 @@ def test_one_row_steps_run_a_step_compiled_for_one_row_that_gives_the_plain_step
             one_logits, one_tokens = graphs.run(1, length)
             assert torch.equal(one_tokens, tokens) and torch.allclose(one_logits, logits, atol=1e-4)
         assert counters["stats"]["unique_graphs"] - before == 2
-        graphs.run(2, 128)  # two rows: the shared compilation, a third
-    assert counters["stats"]["unique_graphs"] - before == 3 and graphs.one is not None
+    assert graphs.one is not None and graphs.fallback is not None  # neither fell back to the plain step
 
 
 def test_a_compiled_decode_step_attending_through_flex_attention_gives_the_plain_steps_tokens(sharp_model_dir):
