@@ -5,8 +5,8 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
   synchronize, a pinned host-to-device copy;
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
   captures (unless --no-compile), of the plain step, with --frozen of the compiled step with Inductor's
-  freezing (query/key/value and gate/up fused into one product each), with --flex of the compiled step attending
-  through FlexAttention (serving/kv_cache.py), with --one-row of the compiled step whose one-row steps are
+  freezing (query/key/value and gate/up fused into one product each), with --one-row of the compiled step whose
+  one-row steps are
   compiled for one row alone (serving/cuda_graphs.py), and the plain step without a graph;
 - the device time of one decode step by kernel (no graph, so that each kernel is seen), of the compiled
   step and of the plain one, at two rows and at 32: where the time goes that a graph does not remove
@@ -15,7 +15,7 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - the engine at concurrency 1 and 32 (greedy, 128 tokens, the bench's prompts), host time per step in
   each part of the decoder loop (and in the garbage collector, gc0-gc2 by generation), at pipeline depth 1 and 2.
 
-    python bench/decode_profile.py [--no-compile] [--frozen] [--flex] [--one-row]
+    python bench/decode_profile.py [--no-compile] [--frozen] [--one-row]
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import serve_bench as sb  # noqa: E402 - the same model and prompts
 
-from serving import decoding, forward, kv_cache  # noqa: E402
+from serving import decoding, forward  # noqa: E402
 from serving.cuda_graphs import DecodeGraphs  # noqa: E402
 
 
@@ -98,22 +98,10 @@ def own_code(d):
     return pick
 
 
-def candidate(d, name: str, freeze: bool = False, attention: str | None = None, one_row: bool = False
-              ) -> DecodeGraphs:
-    """The engine's decode step compiled anew: with Inductor's freezing, traced with another attention function,
-    or with a step of one row compiled for one row alone. Its graphs are captured as the buckets are first timed."""
+def candidate(d, name: str, freeze: bool = False, one_row: bool = False) -> DecodeGraphs:
+    """The engine's decode step compiled anew: with Inductor's freezing, or with a step of one row compiled for one
+    row alone. Its graphs are captured as the buckets are first timed."""
     graphs = DecodeGraphs(own_code(d), d.slots, d.length, compile=True, freeze=freeze, one_row=one_row)
-    if attention is not None:
-        model, step = d.forward.model, graphs.step
-
-        def attended(n: int, length: int):
-            model.set_attn_implementation(attention)  # read while tracing: the engine's own step is left as it is
-            try:
-                return step(n, length)
-            finally:
-                model.set_attn_implementation(kv_cache.ATTENTION)
-
-        graphs.step = attended
     start = time.perf_counter()
     graphs.get(*graphs.bucket(1, 512))
     print(f"{name} step compiled and captured in {time.perf_counter() - start:.1f} s, "
@@ -173,8 +161,6 @@ def main() -> None:
                         help="also the compiled step with Inductor's freezing (fused projections), side by side")
     parser.add_argument("--one-row", action="store_true",
                         help="also the step with one row compiled for one row alone (serving/cuda_graphs.py)")
-    parser.add_argument("--flex", action="store_true",
-                        help="also the compiled step with its attention through FlexAttention's decoding kernel")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="decode-profile-"))
@@ -192,8 +178,6 @@ def main() -> None:
     with torch.inference_mode():
         if args.frozen:
             graphs.append(("frozen", candidate(d, "frozen", freeze=True), (2, 32)))
-        if args.flex:
-            graphs.append(("flex", candidate(d, "flex", attention=kv_cache.FLEX_ATTENTION), (2, 32)))
         if args.one_row:
             graphs.append(("one-row", candidate(d, "one-row", one_row=True), (1, 2)))
         step_times(d, graphs)

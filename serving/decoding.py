@@ -31,7 +31,6 @@ import torch
 from serving.cuda_graphs import DecodeGraphs
 from serving.forward import Forward
 from serving.job import Job, ModelError, by_adapter
-from serving.kv_cache import ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,14 @@ class Decoder:
     CUDA graphs, when no adapter is in use. `compile`: the graphs' step is torch.compile'd (dynamic shapes:
     one compilation serves every bucket; on a GPU minutes at start, serving.compile_decode);
     `compile_prefill`: the prefill too (serving/forward.py). `freeze`: the compiled step with Inductor's freezing
-    (fused projections, serving/cuda_graphs.py; measured by bench/serve_bench.py --compile frozen). `attention`:
-    the model's attention function (serving/kv_cache.py; FLEX_ATTENTION: measured by --compile flex). `one_row`:
-    a step of one row compiled for one row alone (serving/cuda_graphs.py; --compile one-row)."""
+    (fused projections, serving/cuda_graphs.py; measured by bench/serve_bench.py --compile frozen). `one_row`: a step of
+    one row compiled for one row alone (serving/cuda_graphs.py; measured by --compile one-row)."""
 
     def __init__(self, model, eos_ids: set[int], pad_id: int, slots: int, length: int, prefill_tokens: int,
                  graphs: bool | None = None, compile: bool = False, compile_prefill: bool = False,
-                 freeze: bool = False, attention: str = ATTENTION, one_row: bool = False):
+                 freeze: bool = False, one_row: bool = False):
         self.eos_ids, self.pad_id = sorted(eos_ids), pad_id
-        self.forward = Forward(model, slots, length, pad_id, self.eos_ids, compile=compile_prefill,
-                               attention=attention)
+        self.forward = Forward(model, slots, length, pad_id, self.eos_ids, compile=compile_prefill)
         self.device = self.forward.device
         self.slots, self.length, self.prefill_tokens = slots, length, prefill_tokens
         self.cuda = self.device.type == "cuda"

@@ -26,11 +26,10 @@ Index = slice | torch.Tensor  # rows 0..n-1, or any slots
 class Forward:
     """One model, its slot cache and a decode step's device-side inputs."""
 
-    def __init__(self, model, slots: int, length: int, pad_id: int, eos_ids: list[int], compile: bool = False,
-                 attention: str = ATTENTION):
+    def __init__(self, model, slots: int, length: int, pad_id: int, eos_ids: list[int], compile: bool = False):
         self.model, self.slots, self.pad_id = model, slots, pad_id
         self.device = next(model.parameters()).device
-        model.set_attn_implementation(attention)
+        model.set_attn_implementation(ATTENTION)
         self.cache = SlotCache(model.config, slots, length, next(model.parameters()).dtype, self.device)
         self.next_ids = torch.full((slots,), pad_id, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(slots, dtype=torch.long, device=self.device)

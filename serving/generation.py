@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from serving.api import APIError
 from serving.decoding import Decoder
 from serving.job import Job, ModelError
-from serving.kv_cache import ATTENTION
 from serving.model_source import resolve_model
 from tuneline.formats import render_prompt, stop_strings
 from tuneline.models import encode_prompt
@@ -85,8 +84,7 @@ class Engine:
     def __init__(self, model: str, template: str, max_tokens_limit: int, max_prompt_tokens: int,
                  tracking_uri: str | None = None, dtype: str = "auto", threads: int | None = None,
                  max_batch_size: int = 8, graphs: bool | None = None, compile: bool = False,
-                 compile_prefill: bool | None = None, freeze: bool = False, attention: str = ATTENTION,
-                 one_row: bool = False):
+                 compile_prefill: bool | None = None, freeze: bool = False, one_row: bool = False):
         if threads:
             torch.set_num_threads(threads)
         self.model_dir, self.source = resolve_model(model, tracking_uri)
@@ -117,7 +115,7 @@ class Engine:
                                prefill_tokens=max(PREFILL_TOKENS[self.device.type], max_prompt_tokens),
                                graphs=graphs, compile=compile,
                                compile_prefill=compile if compile_prefill is None else compile_prefill,
-                               freeze=freeze, attention=attention, one_row=one_row)
+                               freeze=freeze, one_row=one_row)
         self.decoder.warm_up()
         # What exists now (libraries, model, compiled code) lives as long as the engine. Left to the collector,
         # each full collection would scan it all, stalling every running request: 450,000 objects and 0.19 s a

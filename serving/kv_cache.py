@@ -17,9 +17,6 @@ and replayed. Before each forward the engine says what the step is:
 `ATTENTION` ("tuneline_slots") is the attention function the model is switched to: scaled-dot-product
 attention with grouped query heads, without copying keys for each query head. A decode step of a
 grouped-query model folds a key head's query heads into its query length, so one kernel serves them.
-`FLEX_ATTENTION` ("tuneline_slots_flex") is the same, but a compiled decode step attends through FlexAttention,
-whose decoding kernel splits each row's keys across many thread blocks: one query a row over 512 keys is otherwise
-a handful of blocks on a GPU of 132 multiprocessors. A candidate, measured by bench/decode_profile.py --flex.
 """
 
 from __future__ import annotations
@@ -27,11 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import flex_attention
 from transformers import AttentionInterface
 
 ATTENTION = "tuneline_slots"
-FLEX_ATTENTION = "tuneline_slots_flex"
 # Not cuDNN's attention for a prefill: it builds a plan for each new shape, and prompts come in every length (on an
 # H200, one-token requests took 61 ms at p50 and 12 ms once a length recurred: bench/results/decode_profile_h200.txt).
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -96,19 +91,4 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     return out.reshape(batch, heads, 1, dim).transpose(1, 2), None
 
 
-def slot_flex_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """`slot_attention`, with a compiled decode step's attention through FlexAttention (eager, FlexAttention
-    is unfused and slow: the plain path stays)."""
-    if query.shape[2] > 1 or not torch.compiler.is_compiling():
-        return slot_attention(module, query, key, value, attention_mask, scaling)
-    positions = kwargs["position_ids"][:, 0]  # a step input: Inductor's CPU kernel takes no computed mask
-
-    def masked(score, b, h, q, k):
-        return torch.where(k <= positions[b], score, -float("inf"))
-
-    out = flex_attention(query, key, value, score_mod=masked, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-    return out.transpose(1, 2), None
-
-
 AttentionInterface.register(ATTENTION, slot_attention)
-AttentionInterface.register(FLEX_ATTENTION, slot_flex_attention)

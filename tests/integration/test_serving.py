@@ -352,33 +352,6 @@ def test_one_row_steps_run_a_step_compiled_for_one_row_that_gives_the_plain_step
     assert graphs.one is not None and graphs.fallback is not None  # neither fell back to the plain step
 
 
-def test_a_compiled_decode_step_attending_through_flex_attention_gives_the_plain_steps_tokens(sharp_model_dir):
-    # FLEX_ATTENTION (bench/decode_profile.py --flex): the compiled step's attention through FlexAttention, masked
-    # per row at its position. Rows at different positions: a mask read at the wrong row or key changes the logits.
-    from torch._inductor.utils import run_and_get_code
-    from transformers import AutoModelForCausalLM
-
-    from serving.cuda_graphs import DecodeGraphs
-    from serving.forward import Forward
-    from serving.kv_cache import FLEX_ATTENTION
-
-    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
-    forward = Forward(model, slots=4, length=64, pad_id=0, eos_ids=[model.config.eos_token_id])
-    with torch.inference_mode():
-        forward.prefill(torch.randint(3, 100, (4, 10), generator=torch.Generator().manual_seed(0)), [10, 8, 6, 9],
-                        [0, 1, 2, 3], [True] * 4, [None] * 4)
-        forward.positions[:] = torch.tensor([10, 8, 6, 9])
-        inputs = forward.next_ids.clone()
-        logits, tokens = (t.clone() for t in forward.pick(4, 64))
-        flex = DecodeGraphs(forward.pick, 4, 64, capture=False, compile=True)
-        forward.next_ids.copy_(inputs)
-        model.set_attn_implementation(FLEX_ATTENTION)
-        (flex_logits, flex_tokens), code = run_and_get_code(flex.step, 4, 64)
-    assert "flex_attention" in "\n".join(code)  # it attended through FlexAttention's kernel, not SDPA's
-    assert torch.equal(flex_tokens, tokens) and torch.allclose(flex_logits, logits, atol=1e-4)
-    assert flex.fallback is not None
-
-
 def test_nan_logits_end_greedy_and_sampled_rows_with_a_model_error(sharp_model_dir, tmp_path):
     # Broken weights are the server's fault, not the request's: NaN logits end each row with a ModelError (a 5xx
     # in the API), however the row picks its tokens.
