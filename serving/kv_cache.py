@@ -27,8 +27,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
 ATTENTION = "tuneline_slots"
-# Not cuDNN's attention for a prefill: it builds a plan for each new shape, and prompts come in every length (on an
-# H200, one-token requests took 61 ms at p50 and 12 ms once a length recurred: bench/results/decode_profile_h200.txt).
+# Not cuDNN's attention for a prefill: it builds a plan for each new shape, and prompts come in every length. On an
+# H200 one-token requests over prompts of varying lengths took 61 ms at p50 and 12 ms at best with it
+# (bench/results/decode_profile_h200.txt); bench/prefill_ttft.py measures both kernels side by side.
 PREFILL_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
