@@ -6,8 +6,7 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
   captures (unless --no-compile), of the plain step, with --frozen of the compiled step with Inductor's
   freezing (query/key/value and gate/up fused into one product each), with --one-row of the compiled step whose
-  one-row steps are
-  compiled for one row alone (serving/cuda_graphs.py), and the plain step without a graph;
+  one-row steps are compiled for one row alone (serving/cuda_graphs.py), and the plain step without a graph;
 - the device time of one decode step by kernel (no graph, so that each kernel is seen), of the compiled
   step and of the plain one, at two rows and at 32: where the time goes that a graph does not remove
   (matrix-vector products, attention, small kernels);

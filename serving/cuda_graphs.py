@@ -28,18 +28,22 @@ def _bucket(n: int, sizes: list[int]) -> int:
     return next(s for s in sizes if s >= n)
 
 
-def _compiled(step: Callable[[int, int], Outputs], freeze: bool) -> Callable[[int, int], Outputs]:
-    compiled = torch.compile(step, dynamic=True)
-    if not freeze:
+def _compiled(step: Callable[[int, int], Outputs], dynamic: bool | None, **config) -> Callable[[int, int], Outputs]:
+    """`step` through torch.compile, each call under Inductor's `config` (read while it compiles)."""
+    compiled = torch.compile(step, dynamic=dynamic)
+    if not config:
         return compiled
 
-    def frozen(n: int, length: int) -> Outputs:
-        # Dynamo reads the freezing flag while it traces (to make the weights graph constants), not only Inductor;
-        # a CPU fuses the products only with enable_concat_linear (a GPU always does).
-        with torch._inductor.config.patch(freezing=True, **{"cpp.enable_concat_linear": True}):
+    def configured(n: int, length: int) -> Outputs:
+        with torch._inductor.config.patch(**config):
             return compiled(n, length)
 
-    return frozen
+    return configured
+
+
+# Dynamo reads the freezing flag while it traces (to make the weights graph constants), not only Inductor; a CPU
+# fuses the products only with enable_concat_linear (a GPU always does).
+FREEZING = {"freezing": True, "cpp.enable_concat_linear": True}
 
 
 def _one_row(step: Callable[[int, int], Outputs]) -> Callable[[int, int], Outputs]:
@@ -49,13 +53,7 @@ def _one_row(step: Callable[[int, int], Outputs]) -> Callable[[int, int], Output
     def alone(n: int, length: int) -> Outputs:  # its own code object: Dynamo's cache is kept by code object
         return step(n, length)
 
-    compiled = torch.compile(alone)
-
-    def one(n: int, length: int) -> Outputs:
-        with torch._inductor.config.patch(coordinate_descent_tuning=True):
-            return compiled(n, length)
-
-    return one
+    return _compiled(alone, None, coordinate_descent_tuning=True)
 
 
 class DecodeGraphs:
@@ -72,7 +70,8 @@ class DecodeGraphs:
     def __init__(self, step: Callable[[int, int], Outputs], slots: int, length: int, capture: bool = True,
                  compile: bool = False, freeze: bool = False, one_row: bool = False):
         self.capture = capture
-        self.step, self.fallback = (_compiled(step, freeze), step) if compile else (step, None)
+        self.step, self.fallback = (_compiled(step, True, **(FREEZING if freeze else {})), step) if compile \
+            else (step, None)
         self.one = _one_row(step) if compile and one_row else None
         # torch.compile specializes a dimension of size 1 (it broadcasts), so one row would be a compilation of
         # its own; a step of two rows costs about what one does (the weights are read once either way).
