@@ -293,6 +293,22 @@ def test_steps_padded_to_graph_buckets_give_each_request_its_text_alone(sharp_mo
     assert (prefill is not None and prefill.compiled is not None) == compile  # never fell back to eager
 
 
+def _forward_after_prefill(model_dir, length: int, prompt_lengths: list[int]):
+    """A float32 Forward over `length` positions whose first slots hold prompts of these lengths, each at its
+    next position: (forward, the next step's input tokens) for decode steps to compare."""
+    from transformers import AutoModelForCausalLM
+
+    from serving.forward import Forward
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = len(prompt_lengths)
+    forward = Forward(model, slots=4, length=length, pad_id=0, eos_ids=[model.config.eos_token_id])
+    forward.prefill(torch.randint(3, 100, (rows, max(prompt_lengths)), generator=torch.Generator().manual_seed(0)),
+                    prompt_lengths, list(range(rows)), [True] * rows, [None] * rows)
+    forward.positions[:rows] = torch.tensor(prompt_lengths)
+    return forward, forward.next_ids.clone()
+
+
 def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plain_steps_tokens(sharp_model_dir):
     # DecodeGraphs(freeze=True) (bench/decode_profile.py --frozen): Inductor's freezing makes the weights constants
     # and concatenates the products that share an input, query/key/value and gate/up: 4 matrix products a layer
@@ -301,24 +317,17 @@ def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plai
     import re
 
     from torch._inductor.utils import run_and_get_code
-    from transformers import AutoModelForCausalLM
 
     from serving.cuda_graphs import DecodeGraphs
-    from serving.forward import Forward
 
-    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
-    forward = Forward(model, slots=4, length=64, pad_id=0, eos_ids=[model.config.eos_token_id])
     with torch.inference_mode():
-        forward.prefill(torch.randint(3, 100, (4, 10), generator=torch.Generator().manual_seed(0)), [10, 8, 6, 9],
-                        [0, 1, 2, 3], [True] * 4, [None] * 4)
-        forward.positions[:] = torch.tensor([10, 8, 6, 9])
-        inputs = forward.next_ids.clone()
+        forward, inputs = _forward_after_prefill(sharp_model_dir, 64, [10, 8, 6, 9])
         logits, tokens = (t.clone() for t in forward.pick(4, 64))
         frozen = DecodeGraphs(forward.pick, 4, 64, capture=False, compile=True, freeze=True)
         forward.next_ids.copy_(inputs)
         with torch._inductor.config.patch({"cpp.weight_prepack": False}):  # products show as mm (not mkl) calls
             (frozen_logits, frozen_tokens), code = run_and_get_code(frozen.step, 4, 64)
-    layers = model.config.num_hidden_layers
+    layers = forward.model.config.num_hidden_layers
     assert len(re.findall(r"extern_kernels\.mm\(", "\n".join(code))) == 4 * layers + 1  # + the output head
     assert torch.equal(frozen_tokens, tokens) and torch.allclose(frozen_logits, logits, atol=1e-4)
     assert frozen.fallback is not None  # it ran compiled, not the plain step after a failure
@@ -327,20 +336,12 @@ def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plai
 def test_one_row_steps_run_a_step_compiled_for_one_row_that_gives_the_plain_steps_tokens(sharp_model_dir):
     # DecodeGraphs(one_row=True): a step of one row runs its own compilation (static row count: on a GPU its
     # products become fused reductions), two in all over any number of lengths.
-    from transformers import AutoModelForCausalLM
-
     from serving.cuda_graphs import DecodeGraphs
-    from serving.forward import Forward
 
-    model = AutoModelForCausalLM.from_pretrained(sharp_model_dir, dtype=torch.float32).eval()
-    forward = Forward(model, slots=4, length=512, pad_id=0, eos_ids=[model.config.eos_token_id])
-    graphs = DecodeGraphs(forward.pick, 4, 512, capture=False, compile=True, one_row=True)
-    assert graphs.rows == [1, 2, 4] and graphs.lengths == [128, 256, 512]
     with torch.inference_mode():
-        forward.prefill(torch.randint(3, 100, (1, 10), generator=torch.Generator().manual_seed(0)), [10], [0],
-                        [True], [None])
-        forward.positions[:1] = 10
-        inputs = forward.next_ids.clone()
+        forward, inputs = _forward_after_prefill(sharp_model_dir, 512, [10])
+        graphs = DecodeGraphs(forward.pick, 4, 512, capture=False, compile=True, one_row=True)
+        assert graphs.rows == [1, 2, 4] and graphs.lengths == [128, 256, 512]
         before = counters["stats"]["unique_graphs"]
         for length in graphs.lengths:
             forward.next_ids.copy_(inputs)
