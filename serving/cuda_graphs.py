@@ -29,8 +29,10 @@ def _bucket(n: int, sizes: list[int]) -> int:
 
 
 def _compiled(step: Callable[[int, int], Outputs], dynamic: bool | None, **config) -> Callable[[int, int], Outputs]:
-    """`step` through torch.compile, each call under Inductor's `config` (read while it compiles)."""
-    compiled = torch.compile(step, dynamic=dynamic)
+    """`step` through torch.compile, each call under Inductor's `config` (read while it compiles). The config goes
+    in as torch.compile's options too: Dynamo keeps compiled code by code object and reuses it under any backend
+    that compares equal, and two backends differ only by their options."""
+    compiled = torch.compile(step, dynamic=dynamic, options=config or None)
     if not config:
         return compiled
 
@@ -46,14 +48,16 @@ def _compiled(step: Callable[[int, int], Outputs], dynamic: bool | None, **confi
 FREEZING = {"freezing": True, "cpp.enable_concat_linear": True}
 
 
-def _one_row(step: Callable[[int, int], Outputs]) -> Callable[[int, int], Outputs]:
+def _one_row(step: Callable[[int, int], Outputs], freeze: bool) -> Callable[[int, int], Outputs]:
     # Compiled for one row, a product of one row by a weight is a reduction Inductor generates and fuses with its
     # neighbours (a norm, the activation) where a dynamic row count leaves it to cuBLAS; coordinate-descent tuning
     # then sizes those reductions. The lengths become dynamic at the second one seen: two compilations in all.
-    def alone(n: int, length: int) -> Outputs:  # its own code object: Dynamo's cache is kept by code object
+    # `alone` is a code object of its own: Dynamo keeps by code object which sizes it has seen change, and the
+    # step for any row count has seen many (it would compile this one dynamic in its rows from the start).
+    def alone(n: int, length: int) -> Outputs:
         return step(n, length)
 
-    return _compiled(alone, None, coordinate_descent_tuning=True)
+    return _compiled(alone, None, coordinate_descent_tuning=True, **(FREEZING if freeze else {}))
 
 
 class DecodeGraphs:
@@ -65,14 +69,15 @@ class DecodeGraphs:
     weights in as constants and concatenates the projections that share an input (query, key and value; gate
     and up) into one matrix product each: fewer, larger kernels, for a copy of those weights in memory.
     `one_row` (compiled): steps of one row run a step compiled for one row alone (`_one_row`; on an H200 its
-    graph took 1.14 ms against 1.50 ms, bench/results/decode_profile_h200.txt), for two more compilations."""
+    graph took 1.14 ms against 1.50 ms, bench/results/decode_profile_h200.txt), for two more compilations; frozen
+    too with `freeze`."""
 
     def __init__(self, step: Callable[[int, int], Outputs], slots: int, length: int, capture: bool = True,
                  compile: bool = False, freeze: bool = False, one_row: bool = False):
         self.capture = capture
         self.step, self.fallback = (_compiled(step, True, **(FREEZING if freeze else {})), step) if compile \
             else (step, None)
-        self.one = _one_row(step) if compile and one_row else None
+        self.one = _one_row(step, freeze) if compile and one_row else None
         # torch.compile specializes a dimension of size 1 (it broadcasts), so one row would be a compilation of
         # its own; a step of two rows costs about what one does (the weights are read once either way).
         least = 2 if compile and slots > 1 and self.one is None else 1
