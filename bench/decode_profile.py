@@ -170,7 +170,7 @@ def main() -> None:
             graphs.append(("frozen", candidate(d, "frozen", freeze=True), (2, 32)))
         if args.one_row:
             graphs.append(("one-row", candidate(d, "one-row", one_row=True), (1, 2)))
-        if args.one_row and args.frozen:
+        if args.one_row and args.frozen:  # after the one-row candidate, whose lengths it has seen: dynamic at once
             graphs.append(("frozen one-row", candidate(d, "frozen one-row", freeze=True, one_row=True), (1, 2)))
         step_times(d, graphs)
         for name, g, rows in graphs:  # the plain graphs' step is forward.pick itself
