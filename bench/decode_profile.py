@@ -6,8 +6,7 @@ Builds the serve bench's model (random-init Llama-3.2-1B shape, bf16), then prin
 - a decode graph's replay time (device) for a few (rows, length) buckets: of the compiled step the engine
   captures (unless --no-compile), of the plain step, with --frozen of the compiled step with Inductor's
   freezing (query/key/value and gate/up fused into one product each), with --one-row of the compiled step whose
-  one-row steps are compiled for one row alone (serving/cuda_graphs.py), with both flags also of that one-row
-  step frozen, and the plain step without a graph;
+  one-row steps are compiled for one row alone (serving/cuda_graphs.py), and the plain step without a graph;
 - the device time of one decode step by kernel (no graph, so that each kernel is seen), of the compiled
   step and of the plain one, at two rows and at 32: where the time goes that a graph does not remove
   (matrix-vector products, attention, small kernels);
@@ -89,8 +88,8 @@ def gc_timer(acc: collections.Counter) -> None:
 
 
 def candidate(d, name: str, freeze: bool = False, one_row: bool = False) -> DecodeGraphs:
-    """The engine's decode step compiled anew: with Inductor's freezing, and/or with a step of one row compiled for
-    one row alone. Its graphs are captured as the buckets are first timed."""
+    """The engine's decode step compiled anew: with Inductor's freezing, or with a step of one row compiled for one
+    row alone. Its graphs are captured as the buckets are first timed."""
     graphs = DecodeGraphs(d.forward.pick, d.slots, d.length, compile=True, freeze=freeze, one_row=one_row)
     start = time.perf_counter()
     graphs.get(*graphs.bucket(1, 512))
@@ -170,8 +169,6 @@ def main() -> None:
             graphs.append(("frozen", candidate(d, "frozen", freeze=True), (2, 32)))
         if args.one_row:
             graphs.append(("one-row", candidate(d, "one-row", one_row=True), (1, 2)))
-        if args.one_row and args.frozen:  # after the one-row candidate, whose lengths it has seen: dynamic at once
-            graphs.append(("frozen one-row", candidate(d, "frozen one-row", freeze=True, one_row=True), (1, 2)))
         step_times(d, graphs)
         for name, g, rows in graphs:  # the plain graphs' step is forward.pick itself
             for n in rows:

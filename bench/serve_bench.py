@@ -8,9 +8,8 @@ reports output tokens/s, time to first token and request latency (p50, p95) for
 - tuneline: serving/generation.py's Engine, in-process (what a model replica runs), with
   max_batch_size = the highest level; with --compile, once per variant (rows say which: `compile` off,
   decode (serving.compile_decode's step only), all (step and prefill, as compile_decode runs), frozen
-  (all, the step with Inductor's freezing: fused projections, serving/cuda_graphs.py), one-row (all, and
-  steps of one row through a step compiled for one row alone, serving/cuda_graphs.py) or frozen-one-row
-  (both));
+  (all, the step with Inductor's freezing: fused projections, serving/cuda_graphs.py) or one-row (all, and
+  steps of one row through a step compiled for one row alone, serving/cuda_graphs.py));
 - tuneline-served (optional): the same engine behind the Ray Serve app, streamed over HTTP through the
   `openai` client, as a user sees it;
 - baseline: the engine before it, rebuilt here: `model.generate` over a left-padded batch of the requests
@@ -53,8 +52,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RESULTS = Path(__file__).resolve().parent / "results"
 _ALL = {"compile": True, "compile_prefill": True}
 VARIANTS = {"off": {}, "decode": {"compile": True, "compile_prefill": False}, "all": _ALL,  # Engine's arguments
-            "frozen": {**_ALL, "freeze": True}, "one-row": {**_ALL, "one_row": True},
-            "frozen-one-row": {**_ALL, "freeze": True, "one_row": True}}
+            "frozen": {**_ALL, "freeze": True}, "one-row": {**_ALL, "one_row": True}}
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
 SEED = 1234
@@ -391,7 +389,7 @@ def main() -> None:
                         help="tuneline's variants, run one after the other: of off, decode (the decode step "
                              "torch.compile'd), all (and the prefill: serving.compile_decode), frozen (all, "
                              "the step frozen: fused projections), one-row (all, and a step of one row compiled "
-                             "for one row alone), frozen-one-row (both); GPU: minutes at each compiled engine's start")
+                             "for one row alone); GPU: minutes at each compiled engine's start")
     parser.add_argument("--check-graphs", action="store_true",
                         help="GPU: first compare CUDA-graph and eager decoding on a small float32 model")
     parser.add_argument("--port", type=int, default=8123, help="for tuneline-served")

@@ -48,7 +48,7 @@ def _compiled(step: Callable[[int, int], Outputs], dynamic: bool | None, **confi
 FREEZING = {"freezing": True, "cpp.enable_concat_linear": True}
 
 
-def _one_row(step: Callable[[int, int], Outputs], freeze: bool) -> Callable[[int, int], Outputs]:
+def _one_row(step: Callable[[int, int], Outputs]) -> Callable[[int, int], Outputs]:
     # Compiled for one row, a product of one row by a weight is a reduction Inductor generates and fuses with its
     # neighbours (a norm, the activation) where a dynamic row count leaves it to cuBLAS; coordinate-descent tuning
     # then sizes those reductions. The lengths become dynamic at the second one seen: two compilations in all.
@@ -57,7 +57,7 @@ def _one_row(step: Callable[[int, int], Outputs], freeze: bool) -> Callable[[int
     def alone(n: int, length: int) -> Outputs:
         return step(n, length)
 
-    return _compiled(alone, None, coordinate_descent_tuning=True, **(FREEZING if freeze else {}))
+    return _compiled(alone, None, coordinate_descent_tuning=True)
 
 
 class DecodeGraphs:
@@ -69,15 +69,16 @@ class DecodeGraphs:
     weights in as constants and concatenates the projections that share an input (query, key and value; gate
     and up) into one matrix product each: fewer, larger kernels, for a copy of those weights in memory.
     `one_row` (compiled): steps of one row run a step compiled for one row alone (`_one_row`; on an H200 its
-    graph took 1.14 ms against 1.50 ms, bench/results/decode_profile_h200.txt), for two more compilations; frozen
-    too with `freeze`."""
+    graph took 1.14 ms against 1.50 ms, bench/results/decode_profile_h200.txt), for two more compilations. It is
+    never frozen: frozen too, it served 457 tokens/s at concurrency 1 against 661 (an H100,
+    bench/results/serve_h100.txt)."""
 
     def __init__(self, step: Callable[[int, int], Outputs], slots: int, length: int, capture: bool = True,
                  compile: bool = False, freeze: bool = False, one_row: bool = False):
         self.capture = capture
         self.step, self.fallback = (_compiled(step, True, **(FREEZING if freeze else {})), step) if compile \
             else (step, None)
-        self.one = _one_row(step, freeze) if compile and one_row else None
+        self.one = _one_row(step) if compile and one_row else None
         # torch.compile specializes a dimension of size 1 (it broadcasts), so one row would be a compilation of
         # its own; a step of two rows costs about what one does (the weights are read once either way).
         least = 2 if compile and slots > 1 and self.one is None else 1

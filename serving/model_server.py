@@ -36,7 +36,7 @@ class ModelServer:
 
         self.engine = Engine(model, template, max_tokens_limit, max_prompt_tokens, tracking_uri,
                              threads=REPLICA_CPUS, max_batch_size=max_batch_size, compile=compile_decode,
-                             compile_prefill=compile_decode and self.compiles_prefill)
+                             compile_prefill=compile_decode and self.compiles_prefill, one_row=compile_decode)
         self.max_batch_size = max_batch_size
         self.cancelled = 0
         self.tags = {"model_version": str(self.engine.source.get("version") or "")}

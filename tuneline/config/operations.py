@@ -47,9 +47,9 @@ class Serving(Section):
                                                     "batch; each holds a KV cache row of max_prompt_tokens + "
                                                     "max_tokens_limit)")
     compile_decode: bool = Field(False, description="GPU: torch.compile the decode step before its CUDA graphs "
-                                 "are captured, and the prefill unless adapters are served (about 1.6x faster "
-                                 "steps; a replica takes minutes longer to start: raise "
-                                 "health_timeout_s)")
+                                 "are captured (with a step compiled for one row alone), and the prefill unless "
+                                 "adapters are served (about 1.6x faster steps; a replica takes minutes longer "
+                                 "to start: raise health_timeout_s)")
     min_replicas: int = Field(1, ge=1, description="model replicas, autoscaled between min and max")
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8, gt=0, description="autoscaling target per replica")
