@@ -314,7 +314,8 @@ def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plai
     # and concatenates the products that share an input, query/key/value and gate/up: 4 matrix products a layer
     # where the plain compiled step has 7. A flag Dynamo did not see while tracing would leave the weights as
     # inputs, and nothing fused (what happened when only Inductor was told). The plain compiled step runs first:
-    # the GPU machine's torch 2.11 reused its code for the frozen one until freezing went in as an option.
+    # the GPU machine's torch 2.11 reused its code for the frozen one (bench/decode_profile.py, 2026-12-05), before
+    # freezing went in as an option too; torch 2.13 here compiles the frozen step anew either way.
     import re
 
     from torch._inductor.utils import run_and_get_code
@@ -325,7 +326,6 @@ def test_a_frozen_decode_step_fuses_the_shared_input_products_and_gives_the_plai
         forward, inputs = _forward_after_prefill(sharp_model_dir, 64, [10, 8, 6, 9])
         logits, tokens = (t.clone() for t in forward.pick(4, 64))
         DecodeGraphs(forward.pick, 4, 64, capture=False, compile=True).step(4, 64)
-        forward.next_ids.copy_(inputs)
         frozen = DecodeGraphs(forward.pick, 4, 64, capture=False, compile=True, freeze=True)
         forward.next_ids.copy_(inputs)
         with torch._inductor.config.patch({"cpp.weight_prepack": False}):  # products show as mm (not mkl) calls
