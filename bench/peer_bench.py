@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_bench as tb  # noqa: E402 - the shapes, rows, FLOP count and Tuneline's run are shared
@@ -138,7 +139,8 @@ def main() -> None:
     print("torch", torch.__version__, torch.cuda.get_device_name(), flush=True)
 
     def emit(line: dict) -> None:
-        line |= {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+        line |= {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
+                 "transformers": transformers.__version__}
         line |= {"rehearse": True} if args.rehearse else {}
         print(json.dumps(line), flush=True)
         if args.out:

@@ -52,7 +52,14 @@ class TunelineTrainer(Trainer):
                  skip_checkpointing: int = 0, **kwargs):
         self.compile_regions, self.dynamic = compile_regions, dynamic  # read while Trainer builds its Accelerator
         super().__init__(*args, **kwargs)
+        if self.args.torch_compile and self.args.gradient_checkpointing:
+            # transformers' attention forward (through the `kernels` package it requires) sets and resets a
+            # context variable: a side effect Dynamo refuses inside a checkpointed layer unless the recompute
+            # need not replay it (it need not: the value is back on return). Refused, the decoder stack fell
+            # back to eager (an H100, 8B checkpointed: 7,579 tokens/s against 11,540; bench/results/peer_h100.txt).
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
         self.batch_tokens, self.skip_checkpointing = batch_tokens, skip_checkpointing
+        self.checkpointing_set = False  # skip_checkpointing and drop_input_grad_hooks applied
         self.padding = 0  # of the last batch prepared (train.pad_to_multiple)
 
     def _build_accelerator_args(self, **kwargs):
@@ -81,11 +88,12 @@ class TunelineTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.skip_checkpointing and self.args.gradient_checkpointing:
+        if self.args.gradient_checkpointing and not self.checkpointing_set:
             # On the model that runs, once Trainer has turned checkpointing on: regional compilation runs
             # copies of the layers, which the model Trainer hands its callbacks does not hold.
             skip_checkpointing(model, self.skip_checkpointing)
-            self.skip_checkpointing = 0
+            drop_input_grad_hooks(model)
+            self.checkpointing_set = True
         loss = super().training_step(model, inputs, num_items_in_batch)
         step = self.state.global_step + 1
         if os.environ.get(FAULT_NAN_ENV) == str(step):
@@ -142,6 +150,21 @@ def skip_checkpointing(model, layers: int) -> None:
     checkpointed = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
     for layer in checkpointed[max(0, len(checkpointed) - layers):]:
         layer.gradient_checkpointing = False
+
+
+def drop_input_grad_hooks(model) -> None:
+    """Remove the hooks that make the input embeddings' output require grad.
+
+    transformers adds them whenever checkpointing is turned on: reentrant checkpointing drops the gradients
+    of a layer whose inputs need none. Tuneline checkpoints non-reentrantly (trainer.training_args), which
+    does not, so they only cost a backward into the first layer's input and, under torch.compile, a graph
+    break (their `requires_grad_`) at the embeddings.
+    """
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            module.disable_input_require_grads()
 
 
 class PreemptionHandler(TrainerCallback):

@@ -110,7 +110,7 @@ def training_args(params: Params, has_eval: bool, args_class=None, **extra):
         eval_steps=t.eval_steps or None,
         bf16=_auto(t.bf16, torch.cuda.is_bf16_supported() if gpu else _cpu_bf16()),
         gradient_checkpointing=_auto(t.gradient_checkpointing, gpu),
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        gradient_checkpointing_kwargs={"use_reentrant": False},  # LoRA needs no input grads: drop_input_grad_hooks
         torch_compile=compiled(params),
         torch_compile_mode=t.compile_mode if compiled(params) else None,
         use_cpu=not gpu,
@@ -161,8 +161,6 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
     """
     from transformers import DataCollatorForSeq2Seq
 
-    if args.gradient_checkpointing and params.lora.method != "full":
-        model.enable_input_require_grads()
     for key in ("batch_tokens", "pad_to_multiple"):
         if getattr(params.train, key) and not packed(params):
             raise TunelineError(f"train.{key} needs packed rows; set train.packing: true (packing is off by "
