@@ -343,6 +343,9 @@ def test_one_row_steps_run_a_step_compiled_for_one_row_that_gives_the_plain_step
 
     with torch.inference_mode():
         forward, inputs = _forward_after_prefill(sharp_model_dir, 512, [10])
+        # As in a replica's process: Dynamo keeps the sizes it has seen by code object, and every one-row step
+        # shares one (`_one_row`'s `alone`), so a test before this one could leave lengths that change the count.
+        torch._dynamo.reset()
         graphs = DecodeGraphs(forward.pick, 4, 512, capture=False, compile=True, one_row=True)
         assert graphs.rows == [1, 2, 4] and graphs.lengths == [128, 256, 512]
         before = counters["stats"]["unique_graphs"]
