@@ -10,8 +10,11 @@ UV_SPEC=$(grep -o "^uv==[^ ]*" requirements.lock)  # the lock's own, so that the
 "$PYTHON" scripts/lock.py --check
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 [ -x .venv/bin/uv ] || .venv/bin/python -m pip install --quiet --disable-pip-version-check "$UV_SPEC"
-sync() { .venv/bin/uv pip sync --quiet --require-hashes --find-links /opt/wheels --python "$1" "$2"; }
-sync .venv/bin/python requirements.lock
+sync() { .venv/bin/uv pip sync --quiet --require-hashes --find-links /opt/wheels --python "$@"; }
+# Bytecode now (about a minute, once): where PYTHONDONTWRITEBYTECODE is set, as on these machines, every process
+# would otherwise compile what it imports from source, some 6 s for torch, transformers and peft, and the
+# pipeline and the tests start hundreds of such processes (stages, torchrun and Ray workers, servers).
+sync .venv/bin/python --compile-bytecode requirements.lock
 .venv/bin/uv pip install --quiet --no-deps --python .venv/bin/python -e .
 [ -x .venv/checkov/bin/python ] || .venv/bin/uv venv --quiet --python .venv/bin/python .venv/checkov
 sync .venv/checkov/bin/python requirements-checkov.lock
