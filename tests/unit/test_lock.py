@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from support.project import REPO
@@ -22,6 +23,20 @@ def test_installed_set_equals_the_lock():
     proc = subprocess.run([*LOCK, "--verify"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "holds exactly requirements.lock" in proc.stdout
+
+
+@pytest.mark.skipif(not (REPO / ".venv" / "checkov").exists(), reason="needs scripts/install.sh's .venv")
+def test_the_install_compiled_the_bytecode_of_what_every_stage_imports():
+    """Where PYTHONDONTWRITEBYTECODE is set, a module without bytecode is compiled from source in every process."""
+    import importlib.util
+
+    import peft
+    import torch
+    import transformers
+
+    missing = [m.__name__ for m in (torch, transformers, peft)
+               if not Path(importlib.util.cache_from_source(m.__file__)).exists()]
+    assert not missing, f"no bytecode for {missing}: scripts/install.sh syncs with --compile-bytecode"
 
 
 def test_an_edited_dependency_list_is_caught(tmp_path):
