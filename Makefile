@@ -22,7 +22,7 @@ test: install
 	.venv/bin/lint-imports
 	PATH="$(CURDIR)/.venv/bin:$$PATH" pytest
 
-# The fast lane for development: the contracts and tests/unit (no services, no training), in about a minute.
+# The fast lane for development: the contracts and tests/unit (no services, no training), in about 25 s.
 test-fast: install
 	.venv/bin/lint-imports
 	PATH="$(CURDIR)/.venv/bin:$$PATH" pytest tests/unit
