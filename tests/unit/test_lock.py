@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from support.project import REPO
 
 LOCK = [sys.executable, str(REPO / "scripts" / "lock.py")]
+installed = pytest.mark.skipif(not (REPO / ".venv" / "checkov").exists(), reason="needs scripts/install.sh's .venv")
 
 
 def test_locks_match_pyproject_and_their_inputs():
@@ -18,24 +20,18 @@ def test_locks_match_pyproject_and_their_inputs():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(not (REPO / ".venv" / "checkov").exists(), reason="needs scripts/install.sh's .venv")
+@installed
 def test_installed_set_equals_the_lock():
     proc = subprocess.run([*LOCK, "--verify"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "holds exactly requirements.lock" in proc.stdout
 
 
-@pytest.mark.skipif(not (REPO / ".venv" / "checkov").exists(), reason="needs scripts/install.sh's .venv")
+@installed
 def test_the_install_compiled_the_bytecode_of_what_every_stage_imports():
     """Where PYTHONDONTWRITEBYTECODE is set, a module without bytecode is compiled from source in every process."""
-    import importlib.util
-
-    import peft
-    import torch
-    import transformers
-
-    missing = [m.__name__ for m in (torch, transformers, peft)
-               if not Path(importlib.util.cache_from_source(m.__file__)).exists()]
+    missing = [name for name in ("torch", "transformers", "peft")
+               if not Path(importlib.util.cache_from_source(importlib.util.find_spec(name).origin)).exists()]
     assert not missing, f"no bytecode for {missing}: scripts/install.sh syncs with --compile-bytecode"
 
 
