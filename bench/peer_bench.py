@@ -13,6 +13,7 @@ to beat.
         --peers trl-liger-eager-padded,trl-liger-compiled-padded
     python bench/peer_bench.py ... --batch-tokens 16384   # Tuneline with train.batch_tokens
     python bench/peer_bench.py ... --ours tuneline,tuneline-regions   # also train.compile_regions
+    python bench/peer_bench.py ... --steps 3 --rehearse --memory-peak   # what is live at each run's peak, by line
     python bench/peer_bench.py ... --ours tuneline,tuneline-graphs --rehearse
         # also CUDA graphs (train.compile_mode reduce-overhead, rows padded to multiples of --pad-to-multiple)
 
@@ -30,6 +31,7 @@ bench/results/peer_h200.jsonl): per run {"engine", "shape", "data", "nonpad_toke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -40,6 +42,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_peak  # noqa: E402
 import train_bench as tb  # noqa: E402 - the shapes, rows, FLOP count and Tuneline's run are shared
 
 
@@ -102,6 +105,16 @@ PEER_RUNS = {  # name -> (compiled, padding_free)
 }
 
 
+def one_run(args, run: str, ours: list[str], rows: list[dict]) -> dict:
+    if run not in ours:
+        return peer(args, rows, args.data, *PEER_RUNS[run])
+    graphs = run == "tuneline-graphs"
+    settings = {"compile_mode": "reduce-overhead" if graphs else "default",
+                "pad_to_multiple": args.pad_to_multiple if graphs else 0,
+                "regions": run == "tuneline-regions"}
+    return tb.tuneline(argparse.Namespace(**(vars(args) | settings)), rows, args.data)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-1b", choices=sorted(tb.SHAPES))
@@ -125,6 +138,9 @@ def main() -> None:
                     help="train.pad_to_multiple of the tuneline-graphs run: its steps come in fewer sizes")
     ap.add_argument("--rehearse", action="store_true",
                     help="warm up on the timed steps' own batches, in order (--warmup is then --steps)")
+    ap.add_argument("--memory-peak", action="store_true",
+                    help="record the allocator's history in each run and print what is live at its peak, by the "
+                         "line that allocated it (bench/memory_peak.py; use few --steps)")
     ap.add_argument("--out", default=None, help="append results as JSON lines here")
     args = ap.parse_args()
     args.no_packing = args.no_chunked = args.no_compile = False  # train_bench's Tuneline run: its GPU defaults
@@ -157,18 +173,15 @@ def main() -> None:
         rows = tb.make_data(args.data, (args.warmup + args.steps + 2) * max(args.bs, args.peer_bs), args.seq, vocab)
     results = {}
     for run in [*ours, *filter(None, args.peers.split(","))]:
+        recording = memory_peak.recorded() if args.memory_peak else contextlib.nullcontext({})
         try:
-            if run in ours:
-                graphs = run == "tuneline-graphs"
-                settings = {"compile_mode": "reduce-overhead" if graphs else "default",
-                            "pad_to_multiple": args.pad_to_multiple if graphs else 0,
-                            "regions": run == "tuneline-regions"}
-                r = tb.tuneline(argparse.Namespace(**(vars(args) | settings)), rows, args.data)
-            else:
-                r = peer(args, rows, args.data, *PEER_RUNS[run])
+            with recording as rec:
+                r = one_run(args, run, ours, rows)
         except Exception as e:  # one configuration failing (OOM, a kernel that won't compile) must not hide the rest
             r = {"engine": run, "shape": args.shape, "data": args.data, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
             torch.cuda.empty_cache()
+        if "snapshot" in rec:
+            print(f"{run}: {memory_peak.report(rec.pop('snapshot'))}", flush=True)
         results[run] = r
         emit(r)
     mine = [results[name] for name in ours if "nonpad_tokens_per_s" in results[name]]

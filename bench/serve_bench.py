@@ -463,9 +463,9 @@ def main() -> None:
     print(f"\nconcurrency | {' | '.join(f'{e:>18}' for e in columns)} | best tuneline / baseline c=1 (unbatched)")
     for c in levels:
         ours = [by[(e, c)] for e in columns if e.startswith("tuneline") and (e, c) in by]
-        ratio = max(ours) / by[("baseline", 1)] if ours and ("baseline", 1) in by else float("nan")
+        ratio = f"{max(ours) / by[('baseline', 1)]:.2f}x" if ours and ("baseline", 1) in by else "- (no baseline)"
         cells = [f"{by[(e, c)]:18.1f}" if (e, c) in by else f"{'-':>18}" for e in columns]
-        print(f"{c:>11} | {' | '.join(cells)} | {ratio:.2f}x")
+        print(f"{c:>11} | {' | '.join(cells)} | {ratio}")
     print(f"appended {len(rows)} rows to {out}")
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import memory_peak  # noqa: E402 - bench/, beside this file: peer_bench.py's --memory-peak
 
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
@@ -104,6 +105,7 @@ def built(peaks: dict) -> None:
     torch.cuda.synchronize()
     peaks["build"] = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
+    memory_peak.train_starts()
 
 
 def result(name, data_kind, args, step_s, tokens, real_tokens, per_tok, peaks) -> dict:
