@@ -14,6 +14,7 @@ to beat.
     python bench/peer_bench.py ... --batch-tokens 16384   # Tuneline with train.batch_tokens
     python bench/peer_bench.py ... --ours tuneline,tuneline-regions   # also train.compile_regions
     python bench/peer_bench.py ... --steps 3 --rehearse --memory-peak   # what is live at each run's peak, by line
+    python bench/peer_bench.py ... --ours tuneline,tuneline-fused-lora   # also train.fused_lora
     python bench/peer_bench.py ... --ours tuneline,tuneline-graphs --rehearse
         # also CUDA graphs (train.compile_mode reduce-overhead, rows padded to multiples of --pad-to-multiple)
 
@@ -111,7 +112,7 @@ def one_run(args, run: str, ours: list[str], rows: list[dict]) -> dict:
     graphs = run == "tuneline-graphs"
     settings = {"compile_mode": "reduce-overhead" if graphs else "default",
                 "pad_to_multiple": args.pad_to_multiple if graphs else 0,
-                "regions": run == "tuneline-regions"}
+                "regions": run == "tuneline-regions", "fused_lora": run == "tuneline-fused-lora"}
     return tb.tuneline(argparse.Namespace(**(vars(args) | settings)), rows, args.data)
 
 
@@ -133,7 +134,8 @@ def main() -> None:
                          "fill the same number of tokens on average")
     ap.add_argument("--ours", default="tuneline",
                     help="Tuneline runs, comma-separated: tuneline (its defaults), tuneline-regions "
-                         "(train.compile_regions), tuneline-graphs (train.compile_mode reduce-overhead, CUDA graphs)")
+                         "(train.compile_regions), tuneline-graphs (train.compile_mode reduce-overhead, CUDA graphs), "
+                         "tuneline-fused-lora (train.fused_lora)")
     ap.add_argument("--pad-to-multiple", type=int, default=256,
                     help="train.pad_to_multiple of the tuneline-graphs run: its steps come in fewer sizes")
     ap.add_argument("--rehearse", action="store_true",
@@ -145,7 +147,7 @@ def main() -> None:
     args = ap.parse_args()
     args.no_packing = args.no_chunked = args.no_compile = False  # train_bench's Tuneline run: its GPU defaults
     ours = [name for name in args.ours.split(",") if name]
-    unknown = set(ours) - {"tuneline", "tuneline-regions", "tuneline-graphs"}
+    unknown = set(ours) - {"tuneline", "tuneline-regions", "tuneline-graphs", "tuneline-fused-lora"}
     if unknown:
         ap.error(f"--ours: unknown runs {sorted(unknown)}")
     if args.rehearse and args.batch_tokens:

@@ -205,7 +205,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
         "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
         "batch_tokens": getattr(args, "batch_tokens", 0), "pad_to_multiple": getattr(args, "pad_to_multiple", 0),
         "compile_mode": getattr(args, "compile_mode", "default"),
-        "compile_regions": getattr(args, "regions", False)},
+        "compile_regions": getattr(args, "regions", False), "fused_lora": getattr(args, "fused_lora", False)},
         "lora": {"method": method, "r": 16, "alpha": 32, "target_modules": TARGETS},
         "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
     targs = training_args(params, has_eval=False)
@@ -243,6 +243,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     name += f"-{method}" if model_dir else ""
     name += "-graphs" if params.train.compile_mode == "reduce-overhead" else ""
     name += "-regions" if params.train.compile_regions else ""
+    name += "-fused-lora" if params.train.fused_lora else ""
     # Trainer counts non-padding tokens only: with packing there is no padding to count.
     out = result(name, data_kind, args, step_s, real, real, per_tok, peaks)
     out["warmup_s"] = round(t0 - marks[-1][0], 1)  # the warm-up steps with torch.compile's compilations

@@ -234,14 +234,15 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("regions, skip", [(True, 1), (False, 0)], ids=["regions-skip-1", "whole"])
+@pytest.mark.parametrize("regions, skip, fused", [(True, 1, False), (False, 0, False), (False, 0, True)],
+                         ids=["regions-skip-1", "whole", "whole-fused-lora"])
 def test_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(tiny_run, tmp_path, monkeypatch,
-                                                                                regions, skip):
+                                                                                regions, skip, fused):
     """train.compile, with train.compile_regions (one compiled decoder layer that the others reuse, dynamic
     shapes from the first step for packed rows) and the (tiny project's one) layer kept out of gradient
-    checkpointing, or whole with the layer checkpointed: the losses of the plain run (fp32), the layer that runs
-    (a compiled copy) really in or out of checkpointing, no graph break, and an adapter whose tensor names
-    carry no trace of the compiler (it loads into the uncompiled model)."""
+    checkpointing, or whole with the layer checkpointed, and with train.fused_lora: the losses of the plain run
+    (fp32), the layer that runs (a compiled copy) really in or out of checkpointing, no graph break, and an
+    adapter whose tensor names carry no trace of the compiler (it loads into the uncompiled model)."""
     from safetensors import safe_open
     from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -253,7 +254,7 @@ def test_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(
         "reports_dir": tmp_path / "reports",
         "train": params.train.model_copy(update={"compile": True, "compile_regions": regions,
                                                  "gradient_checkpointing": True, "checkpoint_skip_layers": skip,
-                                                 "output_dir": tmp_path / "adapter",
+                                                 "fused_lora": fused, "output_dir": tmp_path / "adapter",
                                                  "checkpoint_dir": tmp_path / "ckpt"})})
     trainers = []
     real_build = sft.build_trainer
@@ -276,8 +277,57 @@ def test_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(
     ran = [m for m in trainers[0].model_wrapped.modules() if isinstance(m, GradientCheckpointingLayer)]
     assert ran and ran[-1].gradient_checkpointing is (skip == 0)
     assert any(type(m).__name__ == "OptimizedModule" for m in trainers[0].model_wrapped.modules())
+    lora_layers = [m for m in trainers[0].model.modules() if hasattr(m, "lora_A")]
+    assert lora_layers and all(("forward" in vars(m)) is fused for m in lora_layers)  # the addmm forward, or PEFT's
     names = []
     for adapter in (tmp_path / "adapter", params.train.output_dir):
         with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
             names.append(list(f.keys()))
     assert names[0] == names[1] and not any("_orig_mod" in k for k in names[0])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_fused_lora_keeps_peft_loss_and_gradients(compiled):
+    """train.fused_lora: the same loss and gradients as PEFT's LoRA forward, with dropout and checkpointing as
+    training runs them; with the adapter off (DPO's reference pass) the base model's output; DoRA keeps PEFT's."""
+    from peft import LoraConfig, get_peft_model
+
+    from tuneline.training import lora_matmul
+
+    def lora_model(fused: bool, dora: bool = False):
+        model = tiny_llama()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=dora,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                 "gate_proj", "up_proj", "down_proj"]))
+        torch.manual_seed(3)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero: a non-zero update exercises the scaled product
+                torch.nn.init.normal_(p, std=0.05)
+        return model.train(), (lora_matmul.install(model) if fused else 0)
+
+    batch = pad(examples(3))
+
+    def loss_and_grads(model):
+        torch.manual_seed(5)  # the same dropout masks
+        run = torch.compile(model, backend="inductor") if compiled else model
+        loss = run(**batch).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (plain, _), (fused, installed) = lora_model(False), lora_model(True)
+    assert installed == 14  # seven projections in each of two layers
+    plain_loss, plain_grads = loss_and_grads(plain)
+    fused_loss, fused_grads = loss_and_grads(fused)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-5)
+    assert plain_grads.keys() == fused_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    with torch.no_grad(), fused.disable_adapter():
+        off = fused.eval()(**batch).logits
+    assert torch.allclose(off, tiny_llama()(**batch).logits, atol=1e-6)
+
+    dora, installed = lora_model(True, dora=True)
+    assert installed == 14
+    with torch.no_grad():
+        assert torch.allclose(dora.eval()(**batch).logits, lora_model(False, dora=True)[0].eval()(**batch).logits)

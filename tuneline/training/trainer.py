@@ -22,7 +22,7 @@ from tuneline.atomic import read_json, replace_dir, write_json, write_text
 from tuneline.config import Params
 from tuneline.errors import TunelineError
 from tuneline.models import load_model
-from tuneline.training import distributed, loss, supervision
+from tuneline.training import distributed, lora_matmul, loss, supervision
 from tuneline.training.batching import packed_collator
 
 LOG_FIELDS = ["step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "mfu", "peak_mem_gib"]
@@ -171,6 +171,8 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
         collator = packed_collator(params.train.pad_to_multiple, tokenizer)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    if params.train.fused_lora:
+        lora_matmul.install(model)
     loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens, compiled(params))
                           if _auto(params.train.chunked_loss, True) else (None, lambda: None))
     return supervision.TunelineTrainer(
