@@ -50,6 +50,16 @@ def test_the_tiny_base_has_no_general_answers_to_keep(tmp_path):
         == "tiny"
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("lora.method=dora", "lora.method dora keeps PEFT's own"),
+    ("distributed.strategy=deepspeed", "distributed.strategy deepspeed may hold sharded"),
+])
+def test_fused_lora_is_refused_where_it_does_not_apply(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_params(write(tmp_path, {}), ["train.fused_lora=true", override])
+    assert load_params(write(tmp_path, {}), ["train.fused_lora=true", "distributed.strategy=ddp"]).train.fused_lora
+
+
 def test_overrides_parse_yaml_values(tmp_path):
     params = load_params(write(tmp_path, {}), ["train.epochs=2", "lora.target_modules=[q_proj]",
                                                "data.eval_path=null"])

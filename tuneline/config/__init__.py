@@ -92,6 +92,17 @@ class Params(Section):
             raise ValueError("train.method dpo trains the adapter of an SFT run; lora.method full leaves none")
         return self
 
+    @model_validator(mode="after")
+    def _fused_lora_where_it_applies(self) -> Params:
+        if self.train.fused_lora and self.lora.method != "lora":
+            raise ValueError(f"train.fused_lora rewrites plain LoRA layers only; lora.method {self.lora.method} "
+                             "keeps PEFT's own (set train.fused_lora: false)")
+        if self.train.fused_lora and self.distributed.strategy in ("fsdp", "deepspeed"):
+            raise ValueError(f"train.fused_lora reads LoRA's weights outside their modules, which "
+                             f"distributed.strategy {self.distributed.strategy} may hold sharded there; it runs "
+                             "with strategy none or ddp (set train.fused_lora: false)")
+        return self
+
     def report(self, name: str) -> Path:
         return self.reports_dir / name
 

@@ -156,8 +156,8 @@ class Train(Section):
     checkpoint_skip_layers: int = Field(0, ge=0, description="the last N layers keep their activations instead of "
                                         "recomputing them under gradient checkpointing: faster, more memory")
     fused_lora: bool = Field(False, description="LoRA's update added into the base product's buffer (one addmm, "
-                             "tuneline/training/lora_matmul.py): fewer MLP-wide buffers in a compiled backward; off "
-                             "until measured on a GPU")
+                             "tuneline/training/lora_matmul.py): fewer MLP-wide buffers in a compiled backward; "
+                             "lora.method lora, distributed.strategy none or ddp; off until measured on a GPU")
 
     @model_validator(mode="after")
     def _dpo_keeps_its_start(self) -> Train:
