@@ -10,8 +10,8 @@ highest point, and each block's allocating line: for compiled code a line of Ind
     print(memory_peak.report(rec["snapshot"]))
 
 The history restarts when training starts, so the peak found is training's, not the model build's (the
-benches build in float32, then cast); blocks allocated before then show as "before the trace".
-"""
+benches build in float32, then cast); blocks allocated before then and freed later are reported together,
+as "before training started"."""
 
 from __future__ import annotations
 
@@ -57,8 +57,8 @@ def site(frames: list[dict]) -> str:
     and whether torch.compile was compiling then (its autotuning allocates too)."""
     if frames is BEFORE:
         return BEFORE[0]["filename"]
-    compiling = " (while compiling)" if any("/_inductor/" in f["filename"] or "/_dynamo/" in f["filename"]
-                                            for f in frames[:1]) else ""
+    inner = frames[0]["filename"] if frames else ""
+    compiling = " (while compiling)" if "/_inductor/" in inner or "/_dynamo/" in inner else ""
     for f in frames:
         if "/torch/" not in f["filename"] and not f["filename"].startswith("<"):
             source = linecache.getline(f["filename"], f["line"]).strip()
