@@ -20,7 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tuneline.training import lora_matmul  # noqa: E402
-from tuneline.training.trainer import _cpu_bf16  # noqa: E402 - bf16 autocast where the train stage uses it
 
 
 def main() -> None:
@@ -42,7 +41,7 @@ def main() -> None:
     fused = copy.deepcopy(plain)
     lora_matmul.install(fused)
     ids = torch.randint(0, base.config.vocab_size, (args.rows, args.tokens))
-    bf16 = _cpu_bf16()
+    bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())  # as the train stage decides
 
     def step(model) -> float:
         start = time.perf_counter()
