@@ -176,6 +176,7 @@ def main() -> None:
     results = {}
     for run in [*ours, *filter(None, args.peers.split(","))]:
         recording = memory_peak.recorded() if args.memory_peak else contextlib.nullcontext({})
+        rec: dict = {}
         try:
             with recording as rec:
                 r = one_run(args, run, ours, rows)
