@@ -19,7 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import train_bench as tb  # noqa: E402 - LoRA's target projections, as the other training benches use them
+
 from tuneline.training import lora_matmul  # noqa: E402
+from tuneline.training.trainer import cpu_bf16  # noqa: E402 - bf16 autocast where the train stage uses it
 
 
 def main() -> None:
@@ -35,13 +38,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=tb.TARGETS)
     plain = get_peft_model(base, config).train()
     fused = copy.deepcopy(plain)
     lora_matmul.install(fused)
     ids = torch.randint(0, base.config.vocab_size, (args.rows, args.tokens))
-    bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())  # as the train stage decides
+    bf16 = cpu_bf16()
 
     def step(model) -> float:
         start = time.perf_counter()
@@ -51,7 +53,8 @@ def main() -> None:
         return time.perf_counter() - start
 
     times: dict[str, list[float]] = {"plain": [], "fused": []}
-    step(plain), step(fused)  # warm-up
+    for model in (plain, fused):  # warm-up
+        step(model)
     for _ in range(args.reps):
         for name, model in (("plain", plain), ("fused", fused)):
             times[name].append(round(step(model), 3))
