@@ -26,6 +26,7 @@ prints each run's peak memory and its mean loss over the last 50 steps.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -128,8 +129,13 @@ def fresh_start() -> None:
 
     The limit is raised too, for every run alike: within one run of TRL's compiled peer, transformers' deprecation
     wrapper (one code object shared by every decorated forward) spent it on its own, and the frames past it ran
-    eagerly (bench/results/peer_h100.txt, 2026-12-05 afternoon)."""
+    eagerly (bench/results/peer_h100.txt, 2026-12-05 afternoon).
+
+    Then a collection, after dynamo has let go of what it compiled: a Trainer sits in reference cycles, so the last
+    run's model outlived it until Python's collector happened to run, and counted in the next run's peak (seen on
+    an H100: 15.1 GiB of an 8B model left from the run before; bench/results/peer_h100.txt, 2026-12-06)."""
     torch._dynamo.reset()
+    gc.collect()
     torch._dynamo.config.recompile_limit = 64
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -205,7 +211,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
         "checkpoint_skip_layers": args.skip_ckpt_layers, "loss_chunk_tokens": args.loss_chunk_tokens,
         "batch_tokens": getattr(args, "batch_tokens", 0), "pad_to_multiple": getattr(args, "pad_to_multiple", 0),
         "compile_mode": getattr(args, "compile_mode", "default"),
-        "compile_regions": getattr(args, "regions", False), "fused_lora": getattr(args, "fused_lora", False)},
+        "compile_regions": getattr(args, "regions", False), "fused_lora": getattr(args, "fused_lora", "auto")},
         "lora": {"method": method, "r": 16, "alpha": 32, "target_modules": TARGETS},
         "model": {"base": str(model_dir or work / "unused"), "dtype": "bfloat16"}})
     targs = training_args(params, has_eval=False)
@@ -243,7 +249,7 @@ def tuneline(args, rows, data_kind, method: str = "lora", model_dir: Path | None
     name += f"-{method}" if model_dir else ""
     name += "-graphs" if params.train.compile_mode == "reduce-overhead" else ""
     name += "-regions" if params.train.compile_regions else ""
-    name += "-fused-lora" if params.train.fused_lora else ""
+    name += "-peft-lora" if params.train.fused_lora is False else ""
     # Trainer counts non-padding tokens only: with packing there is no padding to count.
     out = result(name, data_kind, args, step_s, real, real, per_tok, peaks)
     out["warmup_s"] = round(t0 - marks[-1][0], 1)  # the warm-up steps with torch.compile's compilations
