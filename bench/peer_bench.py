@@ -14,7 +14,7 @@ to beat.
     python bench/peer_bench.py ... --batch-tokens 16384   # Tuneline with train.batch_tokens
     python bench/peer_bench.py ... --ours tuneline,tuneline-regions   # also train.compile_regions
     python bench/peer_bench.py ... --steps 3 --rehearse --memory-peak   # what is live at each run's peak, by line
-    python bench/peer_bench.py ... --ours tuneline,tuneline-fused-lora   # also train.fused_lora
+    python bench/peer_bench.py ... --ours tuneline,tuneline-peft-lora   # also with train.fused_lora off
     python bench/peer_bench.py ... --ours tuneline,tuneline-graphs --rehearse
         # also CUDA graphs (train.compile_mode reduce-overhead, rows padded to multiples of --pad-to-multiple)
 
@@ -112,7 +112,7 @@ def one_run(args, run: str, ours: list[str], rows: list[dict]) -> dict:
     graphs = run == "tuneline-graphs"
     settings = {"compile_mode": "reduce-overhead" if graphs else "default",
                 "pad_to_multiple": args.pad_to_multiple if graphs else 0,
-                "regions": run == "tuneline-regions", "fused_lora": run == "tuneline-fused-lora"}
+                "regions": run == "tuneline-regions", "fused_lora": "auto" if run != "tuneline-peft-lora" else False}
     return tb.tuneline(argparse.Namespace(**(vars(args) | settings)), rows, args.data)
 
 
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--ours", default="tuneline",
                     help="Tuneline runs, comma-separated: tuneline (its defaults), tuneline-regions "
                          "(train.compile_regions), tuneline-graphs (train.compile_mode reduce-overhead, CUDA graphs), "
-                         "tuneline-fused-lora (train.fused_lora)")
+                         "tuneline-peft-lora (train.fused_lora false: PEFT's LoRA forward)")
     ap.add_argument("--pad-to-multiple", type=int, default=256,
                     help="train.pad_to_multiple of the tuneline-graphs run: its steps come in fewer sizes")
     ap.add_argument("--rehearse", action="store_true",

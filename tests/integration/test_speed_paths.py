@@ -234,13 +234,14 @@ def test_qlora_trains_an_adapter_over_a_4bit_base(tiny_run, tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
-@pytest.mark.parametrize("regions, skip, fused", [(True, 1, False), (False, 0, False), (False, 0, True)],
+@pytest.mark.parametrize("regions, skip, fused", [(True, 1, False), (False, 0, "auto"), (False, 0, True)],
                          ids=["regions-skip-1", "whole", "whole-fused-lora"])
 def test_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(tiny_run, tmp_path, monkeypatch,
                                                                                 regions, skip, fused):
     """train.compile, with train.compile_regions (one compiled decoder layer that the others reuse, dynamic
     shapes from the first step for packed rows) and the (tiny project's one) layer kept out of gradient
-    checkpointing, or whole with the layer checkpointed, and with train.fused_lora: the losses of the plain run
+    checkpointing, or whole with the layer checkpointed (train.fused_lora's default, auto, keeping PEFT's forward on
+    a CPU), and with train.fused_lora: the losses of the plain run
     (fp32), the layer that runs (a compiled copy) really in or out of checkpointing, no graph break, and an
     adapter whose tensor names carry no trace of the compiler (it loads into the uncompiled model)."""
     from safetensors import safe_open
@@ -278,7 +279,7 @@ def test_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(
     assert ran and ran[-1].gradient_checkpointing is (skip == 0)
     assert any(type(m).__name__ == "OptimizedModule" for m in trainers[0].model_wrapped.modules())
     lora_layers = [m for m in trainers[0].model.modules() if hasattr(m, "lora_A")]
-    assert lora_layers and all(("forward" in vars(m)) is fused for m in lora_layers)  # the addmm forward, or PEFT's
+    assert lora_layers and all(("forward" in vars(m)) is (fused is True) for m in lora_layers)  # addmm's, or PEFT's
     names = []
     for adapter in (tmp_path / "adapter", params.train.output_dir):
         with safe_open(adapter / "adapter_model.safetensors", "pt") as f:

@@ -57,7 +57,18 @@ def test_the_tiny_base_has_no_general_answers_to_keep(tmp_path):
 def test_fused_lora_is_refused_where_it_does_not_apply(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_params(write(tmp_path, {}), ["train.fused_lora=true", override])
+    assert load_params(write(tmp_path, {}), [override]).train.fused_lora == "auto"  # the default steps aside
     assert load_params(write(tmp_path, {}), ["train.fused_lora=true", "distributed.strategy=ddp"]).train.fused_lora
+
+
+@pytest.mark.parametrize(("overrides", "on_gpu", "fused"), [
+    ([], True, True), ([], False, False), (["lora.method=dora"], True, False), (["lora.method=qlora"], True, False),
+    (["distributed.strategy=fsdp"], True, False), (["distributed.strategy=ddp"], True, True),
+    (["train.fused_lora=true"], False, True), (["train.fused_lora=false"], True, False)])
+def test_fused_lora_auto_is_on_a_gpu_where_it_applies(tmp_path, overrides, on_gpu, fused):
+    from tuneline.training import lora_matmul
+
+    assert lora_matmul.wanted(load_params(write(tmp_path, {}), overrides), on_gpu) is fused
 
 
 def test_overrides_parse_yaml_values(tmp_path):

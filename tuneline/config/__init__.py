@@ -94,10 +94,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _fused_lora_where_it_applies(self) -> Params:
-        if self.train.fused_lora and self.lora.method != "lora":
+        # Only an explicit true is refused: auto turns itself off where it does not apply (trainer.fused_lora).
+        if self.train.fused_lora is True and self.lora.method != "lora":
             raise ValueError(f"train.fused_lora rewrites plain LoRA layers only; lora.method {self.lora.method} "
                              "keeps PEFT's own (set train.fused_lora: false)")
-        if self.train.fused_lora and self.distributed.strategy in ("fsdp", "deepspeed"):
+        if self.train.fused_lora is True and self.distributed.strategy in ("fsdp", "deepspeed"):
             raise ValueError(f"train.fused_lora reads LoRA's weights outside their modules, which "
                              f"distributed.strategy {self.distributed.strategy} may hold sharded there; it runs "
                              "with strategy none or ddp (set train.fused_lora: false)")

@@ -155,9 +155,11 @@ class Train(Section):
                            "sigmoid_norm"] = Field("sigmoid", description="TRL's DPO loss; sigmoid: the DPO paper's")
     checkpoint_skip_layers: int = Field(0, ge=0, description="the last N layers keep their activations instead of "
                                         "recomputing them under gradient checkpointing: faster, more memory")
-    fused_lora: bool = Field(False, description="LoRA's update added into the base product's buffer (one addmm, "
-                             "tuneline/training/lora_matmul.py): fewer MLP-wide buffers in a compiled backward; "
-                             "lora.method lora, distributed.strategy none or ddp; off until measured on a GPU")
+    fused_lora: bool | Literal["auto"] = Field(
+        "auto", description="LoRA's update added into the base product's buffer (one addmm, "
+        "tuneline/training/lora_matmul.py): fewer MLP-wide buffers in a compiled backward; lora.method lora, "
+        "distributed.strategy none or ddp; auto: on a GPU where it applies (an H100: 8B 1.0 GiB less train peak, "
+        "1B 13% faster)")
 
     @model_validator(mode="after")
     def _dpo_keeps_its_start(self) -> Train:

@@ -171,7 +171,7 @@ def build_trainer(params: Params, args, model, tokenizer, train_data, eval_data=
         collator = packed_collator(params.train.pad_to_multiple, tokenizer)
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
-    if params.train.fused_lora:
+    if lora_matmul.wanted(params, _on_gpu()):
         lora_matmul.install(model)
     loss_func, restore = (loss.install(model, params.train.loss_chunk_tokens, compiled(params))
                           if _auto(params.train.chunked_loss, True) else (None, lambda: None))
