@@ -94,7 +94,7 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _fused_lora_where_it_applies(self) -> Params:
-        # Only an explicit true is refused: auto turns itself off where it does not apply (trainer.fused_lora).
+        # Only an explicit true is refused: auto turns itself off where it does not apply (lora_matmul.wanted).
         if self.train.fused_lora is True and self.lora.method != "lora":
             raise ValueError(f"train.fused_lora rewrites plain LoRA layers only; lora.method {self.lora.method} "
                              "keeps PEFT's own (set train.fused_lora: false)")
