@@ -112,7 +112,7 @@ def one_run(args, run: str, ours: list[str], rows: list[dict]) -> dict:
     graphs = run == "tuneline-graphs"
     settings = {"compile_mode": "reduce-overhead" if graphs else "default",
                 "pad_to_multiple": args.pad_to_multiple if graphs else 0,
-                "regions": run == "tuneline-regions", "fused_lora": "auto" if run != "tuneline-peft-lora" else False}
+                "regions": run == "tuneline-regions", "fused_lora": False if run == "tuneline-peft-lora" else "auto"}
     return tb.tuneline(argparse.Namespace(**(vars(args) | settings)), rows, args.data)
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     args = ap.parse_args()
     args.no_packing = args.no_chunked = args.no_compile = False  # train_bench's Tuneline run: its GPU defaults
     ours = [name for name in args.ours.split(",") if name]
-    unknown = set(ours) - {"tuneline", "tuneline-regions", "tuneline-graphs", "tuneline-fused-lora"}
+    unknown = set(ours) - {"tuneline", "tuneline-regions", "tuneline-graphs", "tuneline-peft-lora"}
     if unknown:
         ap.error(f"--ours: unknown runs {sorted(unknown)}")
     if args.rehearse and args.batch_tokens:
