@@ -241,9 +241,9 @@ def test_compiled_training_follows_the_plain_curve_and_saves_plain_adapter_keys(
     """train.compile, with train.compile_regions (one compiled decoder layer that the others reuse, dynamic
     shapes from the first step for packed rows) and the (tiny project's one) layer kept out of gradient
     checkpointing, or whole with the layer checkpointed (train.fused_lora's default, auto, keeping PEFT's forward on
-    a CPU), and with train.fused_lora: the losses of the plain run
-    (fp32), the layer that runs (a compiled copy) really in or out of checkpointing, no graph break, and an
-    adapter whose tensor names carry no trace of the compiler (it loads into the uncompiled model)."""
+    a CPU), and with train.fused_lora: the losses of the plain run (fp32), the layer that runs (a compiled copy)
+    really in or out of checkpointing, no graph break, and an adapter whose tensor names carry no trace of the
+    compiler (it loads into the uncompiled model)."""
     from safetensors import safe_open
     from transformers.modeling_layers import GradientCheckpointingLayer
 

@@ -95,14 +95,19 @@ class Params(Section):
     @model_validator(mode="after")
     def _fused_lora_where_it_applies(self) -> Params:
         # Only an explicit true is refused: auto turns itself off where it does not apply (lora_matmul.wanted).
-        if self.train.fused_lora is True and self.lora.method != "lora":
-            raise ValueError(f"train.fused_lora rewrites plain LoRA layers only; lora.method {self.lora.method} "
-                             "keeps PEFT's own (set train.fused_lora: false)")
-        if self.train.fused_lora is True and self.distributed.strategy in ("fsdp", "deepspeed"):
-            raise ValueError(f"train.fused_lora reads LoRA's weights outside their modules, which "
-                             f"distributed.strategy {self.distributed.strategy} may hold sharded there; it runs "
-                             "with strategy none or ddp (set train.fused_lora: false)")
+        misfit = self.fused_lora_misfit()
+        if self.train.fused_lora is True and misfit:
+            raise ValueError(f"{misfit} (set train.fused_lora: false)")
         return self
+
+    def fused_lora_misfit(self) -> str | None:
+        """Why train.fused_lora cannot apply to this run, or None where it can."""
+        if self.lora.method != "lora":
+            return f"train.fused_lora rewrites plain LoRA layers only; lora.method {self.lora.method} keeps PEFT's own"
+        if self.distributed.strategy in ("fsdp", "deepspeed"):
+            return (f"train.fused_lora reads LoRA's weights outside their modules, which distributed.strategy "
+                    f"{self.distributed.strategy} may hold sharded there; it runs with strategy none or ddp")
+        return None
 
     def report(self, name: str) -> Path:
         return self.reports_dir / name

@@ -37,11 +37,11 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def wanted(params, on_gpu: bool) -> bool:
-    """`train.fused_lora`, with auto on a GPU for plain LoRA whose weights each rank holds whole: DoRA and QLoRA
-    keep PEFT's layers, and FSDP or DeepSpeed may hold LoRA's weights sharded where this forward reads them."""
+    """`train.fused_lora`, with auto on a GPU where it applies (`Params.fused_lora_misfit`: plain LoRA whose
+    weights each rank holds whole)."""
     if params.train.fused_lora != "auto":
         return params.train.fused_lora
-    return on_gpu and params.lora.method == "lora" and params.distributed.strategy in ("none", "ddp")
+    return on_gpu and params.fused_lora_misfit() is None
 
 
 def install(model) -> int:
